@@ -1,0 +1,141 @@
+"""Saving and loading sketched checkpoints: ``save_pretrained`` layout, safetensors + JSON, never pickle.
+
+A directory holds ``config.json`` (with ``quantization_config.quant_method = "sketchtune"``), the weights as
+``model.safetensors`` (packed codes under ``<module>.weight`` as uint8, codebooks under
+``<module>.codebook``) and the tokenizer files. :func:`load` checks the files before handing them to
+``AutoModelForCausalLM.from_pretrained`` so that a truncated or edited checkpoint fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import SketchError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def save(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
+    """Write a sketched model (and tokenizer) to ``out_dir``; optionally cast float tensors to ``dtype`` first.
+
+    Files are written to a temporary sibling directory that replaces ``out_dir`` only once complete, so an
+    interrupted save never leaves a half-written checkpoint behind (nor destroys the previous one).
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if getattr(getattr(model, "config", None), "quantization_config", None) is None:
+        raise SketchError("model has no sketchtune quantization_config; sketch it first")
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    if dtype is not None:
+        model.to(dtype)  # casts floating tensors only; packed codes stay uint8
+        model.config.dtype = dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """config.json of a sketched checkpoint, with a one-line error for anything that is not one."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SketchError(f"no such checkpoint directory: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise SketchError(f"corrupt checkpoint: {path} has no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SketchError(f"corrupt checkpoint: config.json is not valid JSON ({e.msg})") from None
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "sketchtune":
+        raise SketchError(f"{path} is not a sketchtune checkpoint (no sketchtune quantization_config)")
+    return cfg
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise SketchError("corrupt checkpoint: model.safetensors.index.json is unreadable") from None
+        return [path / s for s in shards]
+    return [path / "model.safetensors"]
+
+
+def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor's (dtype, shape) across the checkpoint's safetensors files, reading headers only."""
+    path = Path(path)
+    found: dict[str, tuple[str, list[int]]] = {}
+    for f in weight_files(path):
+        if not f.is_file():
+            raise SketchError(f"corrupt checkpoint: missing weight file {f.name}")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    sl = st.get_slice(key)
+                    found[key] = (sl.get_dtype(), list(sl.get_shape()))
+        except Exception as e:  # safetensors raises its own error types for truncation / bad headers
+            raise SketchError(f"corrupt checkpoint: cannot read {f.name} ({str(e).splitlines()[0]})") from None
+    return found
+
+
+def validate(path: str | os.PathLike) -> dict:
+    """Check config, weight files and that every sketched module has its codes and codebook."""
+    cfg = read_config(path)
+    qc = cfg["quantization_config"]
+    tensors = checkpoint_tensors(path)
+    for name in qc.get("modules", []):
+        for suffix, want in (("weight", "U8"), ("codebook", None)):
+            key = f"{name}.{suffix}"
+            if key not in tensors:
+                raise SketchError(f"corrupt checkpoint: tensor {key} is missing")
+            if want and tensors[key][0] != want:
+                raise SketchError(f"corrupt checkpoint: {key} has dtype {tensors[key][0]}, expected packed {want}")
+    return cfg
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device: str = "cpu"):
+    """Load ``(model, tokenizer)`` from a sketched directory, with sketched layers rebuilt exactly.
+
+    Equivalent to ``AutoModelForCausalLM.from_pretrained(path)`` after ``import sketchtune``, plus checks.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hf_integration import register
+
+    register()
+    path = Path(path).expanduser()
+    validate(path)
+    if isinstance(dtype, str) and dtype in DTYPES:
+        dtype = DTYPES[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except SketchError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:
+        first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        raise SketchError(f"corrupt checkpoint: {first.strip()}") from None
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise SketchError(f"corrupt checkpoint: {name} contains NaN or Inf")
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+    model.to(device).eval()
+    return model, tokenizer

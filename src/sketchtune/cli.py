@@ -1,0 +1,211 @@
+"""``sketchtune`` command line: sketch, ppl, info, generate.
+
+Every user error is a :class:`SketchError` printed as one line (``error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import SketchError
+
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sketchtune", description="Sketch, evaluate and run SketchTune models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sk = sub.add_parser("sketch", help="sketch a causal LM (default: the bundled TinyStories-656K)")
+    sk.add_argument("model", nargs="?", default=None, help="HF directory, .gguf file or hub id")
+    sk.add_argument("--out", default=None, help="output directory (default: ./sketched-<model>-int<bits>-gpr<gpr>)")
+    sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4 (default 4)")
+    sk.add_argument("--gpr", type=int, default=1, help="groups per row; must divide every row length (default 1)")
+    sk.add_argument("--calib", default="c4", help="calibration text: .txt/.jsonl/.json or bundled 'c4' (default)")
+    sk.add_argument("--nsamples", type=_positive_int, default=128, help="calibration sequences (default 128)")
+    sk.add_argument("--seqlen", type=_positive_int, default=2048,
+                    help="calibration sequence length, capped at the model's context (default 2048)")
+    sk.add_argument("--method", choices=["sketch", "gptq", "rtn"], default="sketch",
+                    help="sketch (SketchTune), or the gptq / rtn uniform-grid baselines")
+    sk.add_argument("--s", type=float, default=None, help="k-means importance exponent (default: tuned, see README)")
+    sk.add_argument("--importance", choices=["paper", "cholesky"], default=None,
+                    help="importance (1/[H^-1]_ii)^s as in the paper, or diag(U)^-s as in LeanQuant")
+    sk.add_argument("--no-refit", action="store_true", help="keep k-means codebooks (skip least-squares refit)")
+    sk.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal")
+    sk.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                    help="dtype of codebooks and other weights in the saved checkpoint (default float16)")
+    sk.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--eval-data", default="wikitext2,tinystories",
+                    help="comma-separated texts for the before/after perplexity table ('' to skip)")
+    sk.add_argument("--eval-seqlen", type=_positive_int, default=256)
+    sk.add_argument("--eval-windows", type=_positive_int, default=40)
+    sk.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt for the sample generation")
+
+    pp = sub.add_parser("ppl", help="perplexity of a model or sketched directory")
+    pp.add_argument("model")
+    pp.add_argument("--data", default="wikitext2", help="text file or bundled name: wikitext2, c4, tinystories")
+    pp.add_argument("--seqlen", type=_positive_int, default=2048)
+    pp.add_argument("--max-windows", type=_positive_int, default=None)
+    pp.add_argument("--batch-size", type=_positive_int, default=4)
+    pp.add_argument("--device", default=None)
+
+    inf = sub.add_parser("info", help="describe a sketched checkpoint")
+    inf.add_argument("dir")
+    inf.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    gen = sub.add_parser("generate", help="generate text")
+    gen.add_argument("model")
+    gen.add_argument("--prompt", default=DEFAULT_PROMPT)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--device", default=None)
+    return p
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise SketchError(f"device {name} requested but CUDA is not available")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _context_len(model, wanted: int) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def cmd_sketch(args) -> None:
+    import torch
+
+    from .checkpoint import load, save
+    from .eval.generate import generate
+    from .eval.perplexity import perplexity
+    from .info import describe
+    from .modeling import BUNDLED_MODEL, load_model
+    from .sketch.algorithm import check_bits_gpr
+    from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, sketch_model
+
+    check_bits_gpr(args.bits, args.gpr)  # before loading anything; divisibility is checked per layer
+    spec = args.model or str(BUNDLED_MODEL)
+    name = Path(spec).stem if args.model else "tinystories-656k"
+    out = Path(args.out or f"sketched-{name}-int{args.bits}-gpr{args.gpr}")
+    device = _device(args.device)
+    model, tok = load_model(spec, dtype=torch.float32, device="cpu")
+    evals = [e for e in args.eval_data.split(",") if e]
+    eval_seqlen = _context_len(model, args.eval_seqlen)
+
+    def ppl_row(m) -> list[float]:
+        return [perplexity(m, tok, e, eval_seqlen, args.eval_windows, progress=False).ppl for e in evals]
+
+    before = ppl_row(model.to(device))
+    model.to("cpu")
+    report = sketch_model(
+        model, tok, calib=args.calib, nsamples=args.nsamples, seqlen=_context_len(model, args.seqlen),
+        bits=args.bits, gpr=args.gpr, s=DEFAULT_S if args.s is None else args.s,
+        importance=args.importance or DEFAULT_IMPORTANCE, refit=not args.no_refit, percdamp=args.percdamp,
+        method=args.method, seed=args.seed, device=device,
+    )
+    save(model, tok, out, dtype=args.dtype)
+    sketched, _ = load(out, dtype=torch.float32, device=device)
+    after = ppl_row(sketched)
+    info = describe(out)
+
+    print(f"\nSketched {spec} -> {out}  ({args.method}, INT{args.bits}, GPR {args.gpr}, {report.seconds:.1f} s)")
+    if evals:
+        print(f"\n{'perplexity (seqlen ' + str(eval_seqlen) + ')':<34}{'before':>10}{'after':>10}")
+        for e, b, a in zip(evals, before, after):
+            print(f"{e:<34}{b:>10.2f}{a:>10.2f}")
+    print(f"\nsketched layers: {_mb(info['sketched_fp16_bytes'])} fp16 -> {_mb(info['sketched_bytes'])} "
+          f"({info['compression_vs_fp16']:.2f}x smaller); checkpoint {_mb(info['dir_bytes_on_disk'])}")
+    print(f"trainable parameters (codebooks): {info['trainable_params']:,}")
+    print(f"mean relative layer-output error: {report.mean_error:.3e}")
+    text = generate(sketched, tok, args.prompt, max_new_tokens=48)
+    print(f"\nsample: {args.prompt!r} -> {text!r}")
+
+
+def cmd_ppl(args) -> None:
+    from .eval.perplexity import perplexity
+    from .modeling import load_model
+
+    model, tok = load_model(args.model, device=_device(args.device))
+    seqlen = _context_len(model, args.seqlen)
+    r = perplexity(model, tok, args.data, seqlen, args.max_windows, args.batch_size)
+    print(f"perplexity {r.ppl:.4f}  ({args.data}: {r.windows} windows x {r.seqlen} tokens, {r.tokens} scored)")
+
+
+def cmd_info(args) -> None:
+    from .info import describe
+
+    info = describe(args.dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("architecture", info["architecture"]),
+        ("bits / gpr", f"{info['bits']} / {info['gpr']}"),
+        ("importance / s / refit", f"{info['importance']} / {info['s']} / {info['refit']}"),
+        ("decoder layers / sketched modules", f"{info['decoder_layers']} / {info['sketched_modules']}"),
+        ("sketched weights (fp16)", _mb(info["sketched_fp16_bytes"])),
+        ("codes + codebooks", _mb(info["sketched_bytes"])),
+        ("compression vs fp16", f"{info['compression_vs_fp16']:.2f}x"),
+        ("trainable parameters", f"{info['trainable_params']:,}"),
+        ("size on disk", _mb(info["dir_bytes_on_disk"])),
+    ]
+    for k, v in rows:
+        print(f"{k:<36}{v}")
+
+
+def cmd_generate(args) -> None:
+    from .eval.generate import generate
+    from .modeling import load_model
+
+    model, tok = load_model(args.model, device=_device(args.device))
+    print(generate(model, tok, args.prompt, args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
+                   args.seed))
+
+
+COMMANDS = {"sketch": cmd_sketch, "ppl": cmd_ppl, "info": cmd_info, "generate": cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import sketchtune  # noqa: F401  (registers the quantizer)
+
+        t0 = time.perf_counter()
+        COMMANDS[args.command](args)
+        if args.command == "sketch":
+            print(f"\ndone in {time.perf_counter() - t0:.1f} s")
+    except SketchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing was written)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""What a sketched checkpoint holds: layout, sizes, compression and trainable parameters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import checkpoint_tensors, validate, weight_files
+
+BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """Summary of a sketched checkpoint, computed from its config and safetensors headers.
+
+    ``sketched_bytes`` counts codes + codebooks (+ biases) of the sketched layers; ``fp16_bytes`` is what
+    those layers' dense weights take in fp16; trainable parameters are Σ rows × gpr × 2^bits (paper App. C).
+    """
+    path = Path(path).expanduser()
+    cfg = validate(path)
+    qc = cfg["quantization_config"]
+    tensors = checkpoint_tensors(path)
+    sketched = fp16 = trainable = dense_params = 0
+    layers = set()
+    in_features = _in_features(path)
+    for name in qc["modules"]:
+        rows, gpr, k = tensors[f"{name}.codebook"][1]
+        cols = in_features[name]
+        for suffix in ("weight", "codebook", "bias"):
+            if f"{name}.{suffix}" in tensors:
+                dt, shape = tensors[f"{name}.{suffix}"]
+                n = 1
+                for d in shape:
+                    n *= d
+                sketched += n * BYTES.get(dt, 4)
+        fp16 += rows * cols * 2
+        dense_params += rows * cols
+        trainable += rows * gpr * k
+        layers.add(name.rsplit(".", 2)[0])
+    disk = sum(f.stat().st_size for f in weight_files(path))
+    return {
+        "path": str(path),
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "bits": qc["bits"],
+        "gpr": qc["gpr"],
+        "s": qc.get("s"),
+        "importance": qc.get("importance"),
+        "refit": qc.get("refit"),
+        "calibration": qc.get("calibration"),
+        "sketched_modules": len(qc["modules"]),
+        "decoder_layers": len(layers),
+        "sketched_weight_params": dense_params,
+        "trainable_params": trainable,
+        "sketched_bytes": sketched,
+        "sketched_fp16_bytes": fp16,
+        "compression_vs_fp16": fp16 / max(sketched, 1),
+        "weights_bytes_on_disk": disk,
+        "dir_bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+    }
+
+
+def _in_features(path: Path) -> dict[str, int]:
+    """Input width of every linear, from a weightless (meta-device) instance of the architecture."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    config.quantization_config = None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -1,0 +1,88 @@
+"""``SketchedLinear``: a linear layer stored as packed codes + trainable codebooks.
+
+The forward pass rebuilds Ŵ = codebook[codes] and runs one ``F.linear`` — no adapter branch. Because the
+rebuild is a ``gather``, autograd's backward is exactly the scatter-add of ∂L/∂Ŵ into the codebook that the
+paper's gradient kernel computes, so the pure-PyTorch path below is both the reference and the CPU path;
+faster kernels plug in behind :func:`dequantize`.
+
+The packed codes live in a frozen uint8 parameter named ``weight`` (bitsandbytes does the same for 4-bit
+weights). That is deliberate: a checkpoint loaded *without* sketchtune then fails with a shape mismatch on
+``*.weight`` instead of silently initialising random weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import pack_codes, packed_row_bytes, unpack_codes
+
+
+def dequantize(packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Ŵ (out, in) from packed codes and codebooks (out, gpr, 2^bits), in the codebook's dtype."""
+    out, gpr, k = codebook.shape
+    codes = unpack_codes(packed, bits, in_features)
+    offset = (torch.arange(in_features, device=codes.device) // (in_features // gpr)) * k
+    return codebook.reshape(out, gpr * k).gather(1, codes + offset)
+
+
+class SketchedLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` whose only trainable weights are the codebooks."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        gpr: int,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.gpr = in_features, out_features, bits, gpr
+        self.codebook = nn.Parameter(torch.zeros(out_features, gpr, 2**bits, dtype=dtype, device=device))
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8, device=device),
+            requires_grad=False,
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls,
+        codebook: torch.Tensor,
+        codes: torch.Tensor,
+        bits: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "SketchedLinear":
+        """Build from a sketching result: codebook (out, gpr, 2^bits) and codes (out, in)."""
+        out, gpr, _ = codebook.shape
+        dtype = dtype or codebook.dtype
+        layer = cls(codes.shape[1], out, bits, gpr, bias is not None, dtype=dtype, device=codebook.device)
+        with torch.no_grad():
+            layer.codebook.copy_(codebook.to(dtype))
+            layer.weight.copy_(pack_codes(codes, bits))
+            if bias is not None:
+                layer.bias.copy_(bias.to(dtype))
+        return layer
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes (out, in)."""
+        return unpack_codes(self.weight, self.bits, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.weight, self.codebook, self.bits, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat = self.dequantize()
+        return F.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"gpr={self.gpr}, bias={self.bias is not None}"
+        )
