@@ -4,6 +4,12 @@ Every row of a weight group is clustered independently into ``k`` centres, but a
 per-column importance weights (they come from the Hessian of the layer input, which does not depend on the
 row). One-dimensional clustering lets us assign points by binary search over the sorted centres' midpoints
 instead of materialising a (rows, points, k) distance tensor, so memory stays O(rows × points).
+
+Lloyd's iterations alone stall in poor local optima surprisingly often in 1-D (in a third of small random
+cases, some 100× off). In 1-D, optimal clusters are contiguous runs of the sorted points, so the global
+optimum is a dynamic program over split points. We run that DP exactly on at most ``max_bins`` contiguous
+bins of the sorted points (exact whenever the row has ≤ ``max_bins`` points), then polish with Lloyd on the
+real points. The DP is batched over rows as (rows × bins × bins) tensor ops.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ def weighted_kmeans_1d(
     weights: torch.Tensor,
     k: int,
     max_iters: int = 50,
+    max_bins: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster each row of ``points`` (r, n) into ``k`` centres, minimising Σᵢ wᵢ (xᵢ − c(xᵢ))².
 
     ``weights`` is (n,) or (r, n), non-negative. Returns ``(centers (r, k), assignment (r, n) int64)``.
-    Initialisation is deterministic (weighted quantiles), so the result is a pure function of the input.
+    Initialisation is the binned exact DP (deterministic), so the result is a pure function of the input.
     Empty clusters are re-seeded at the point that currently costs the most in its row, which is the
     standard remedy and never increases the objective.
     """
@@ -44,7 +51,8 @@ def weighted_kmeans_1d(
     w = torch.where(w.sum(dim=1, keepdim=True) > 0, w, torch.ones_like(w))
     w = w.clamp_min(0) + 1e-12 * w.mean(dim=1, keepdim=True).clamp_min(1e-30)
 
-    centers = _weighted_quantile_init(x, w, k)
+    chunk = max(1, (1 << 24) // (min(n, max_bins) + 1) ** 2)  # bound the (rows, bins, bins) DP tensors
+    centers = torch.cat([_dp_init(x[i : i + chunk], w[i : i + chunk], k, max_bins) for i in range(0, r, chunk)])
     assign = assign_nearest(x, centers)
     for _ in range(max_iters):
         wsum = torch.zeros(r, k, device=x.device).scatter_add_(1, assign, w)
@@ -66,14 +74,63 @@ def kmeans_cost(points: torch.Tensor, weights: torch.Tensor, centers: torch.Tens
     return (weights * (points - q) ** 2).sum(dim=1)
 
 
-def _weighted_quantile_init(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
-    """Centres at the weighted (j + ½)/k quantiles: a 1-D analogue of k-means++ that needs no randomness."""
-    xs, order = x.sort(dim=1)
-    cw = w.gather(1, order).cumsum(dim=1)
-    cw = cw / cw[:, -1:]
-    targets = (torch.arange(k, device=x.device, dtype=x.dtype) + 0.5) / k
-    idx = torch.searchsorted(cw.contiguous(), targets.expand(x.shape[0], k).contiguous())
-    return xs.gather(1, idx.clamp_max(x.shape[1] - 1))
+def _dp_init(x: torch.Tensor, w: torch.Tensor, k: int, max_bins: int) -> torch.Tensor:
+    """Globally optimal weighted k-means centres of each row, over ≤ ``max_bins`` sorted contiguous bins."""
+    r, n = x.shape
+    # Standardise each row so the DP can run in fp32 without cancellation in Σwx² − (Σwx)²/Σw.
+    mu, sd = x.mean(dim=1, keepdim=True), x.std(dim=1, keepdim=True).clamp_min(1e-12) if n > 1 else 1.0
+    xs, order = ((x - mu) / sd).sort(dim=1)
+    ws = w.gather(1, order)
+    ws = ws / ws.sum(dim=1, keepdim=True)
+    nb = min(n, max_bins)
+    bin_of = _bins(xs, nb)
+
+    def prefix(v: torch.Tensor) -> torch.Tensor:
+        sums = torch.zeros(r, nb, dtype=v.dtype, device=v.device).scatter_add_(1, bin_of, v)
+        return torch.cat([torch.zeros(r, 1, dtype=v.dtype, device=v.device), sums.cumsum(dim=1)], dim=1)
+
+    P0, P1, P2 = prefix(ws), prefix(ws * xs), prefix(ws * xs * xs)
+    diff = lambda P: P[:, :, None] - P[:, None, :]  # noqa: E731  (r, j, i): sum over bins [i, j)
+    d0, d1 = diff(P0), diff(P1)
+    cost = (diff(P2) - d1 * d1 / d0.clamp_min(1e-30)).clamp_min(0)
+    cost = cost.masked_fill(~torch.ones(nb + 1, nb + 1, dtype=torch.bool, device=x.device).tril(-1), float("inf"))
+    kk = min(k, nb)
+    best = cost[:, :, 0]  # one cluster over bins [0, j)
+    splits = []
+    for _ in range(kk - 1):
+        total = best[:, None, :] + cost
+        arg = total.argmin(dim=2)
+        best = total.gather(2, arg[:, :, None]).squeeze(2)
+        splits.append(arg)
+    bounds = [torch.full((r, 1), nb, dtype=torch.long, device=x.device)]
+    for arg in reversed(splits):
+        bounds.append(arg.gather(1, bounds[-1]))
+    bounds.append(torch.zeros(r, 1, dtype=torch.long, device=x.device))
+    b = torch.cat(bounds[::-1], dim=1)  # (r, kk+1) increasing bin boundaries
+    lo, hi = b[:, :-1], b[:, 1:]
+    centers = (P1.gather(1, hi) - P1.gather(1, lo)) / (P0.gather(1, hi) - P0.gather(1, lo)).clamp_min(1e-30)
+    centers = centers * sd + mu
+    if kk < k:  # fewer distinct bins than centres: duplicates become empty clusters, reseeded by Lloyd
+        centers = torch.cat([centers, centers[:, -1:].expand(r, k - kk)], dim=1)
+    return centers.to(x.dtype)
+
+
+def _bins(xs: torch.Tensor, nb: int) -> torch.Tensor:
+    """Bin index (r, n) of sorted points: boundaries of ½·nb equal-count bins ∪ ½·nb equal-width bins.
+
+    Equal-count bins resolve the dense middle of a weight distribution; equal-width bins give outliers bins
+    of their own, so the DP can spend a centre on them (they matter most for the output error).
+    """
+    r, n = xs.shape
+    if n <= nb:
+        return torch.arange(n, device=xs.device).expand(r, n)
+    half = nb // 2
+    by_count = torch.arange(n, device=xs.device).expand(r, n) * half // n
+    lo, hi = xs[:, :1], xs[:, -1:]
+    by_width = ((xs - lo) / (hi - lo).clamp_min(1e-30) * (nb - half)).long().clamp_max(nb - half - 1)
+    change = torch.zeros(r, n, dtype=torch.long, device=xs.device)
+    change[:, 1:] = ((by_count[:, 1:] != by_count[:, :-1]) | (by_width[:, 1:] != by_width[:, :-1])).long()
+    return change.cumsum(dim=1)
 
 
 def _reseed_empty(x, w, centers, assign, empty) -> torch.Tensor:

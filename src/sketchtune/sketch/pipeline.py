@@ -242,4 +242,6 @@ def sketch_model(
         },
     )
     model.is_quantized = True
+    if getattr(model, "hf_quantizer", None) is not None:  # e.g. the GGUF loader's: the weights are ours now
+        model.hf_quantizer = None
     return report

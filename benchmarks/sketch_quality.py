@@ -1,0 +1,163 @@
+"""Sketch quality on SmolLM2-135M: perplexity, time, memory and bytes for SketchTune vs RTN and GPTQ.
+
+Protocol (issue #2): calibration 32 × 512 tokens of C4 (seed 0); WikiText-2 test perplexity over the first
+40 windows of 512 tokens; every configuration is sketched from the same full-precision model in this one
+run, saved as an fp16 checkpoint, reloaded, and evaluated from the reloaded checkpoint — what a user gets.
+``--sweep-s`` adds the k-means importance-exponent sweep (s ∈ {0..4}, both importance definitions).
+
+    python benchmarks/sketch_quality.py --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+import sketchtune
+from sketchtune.eval.perplexity import perplexity
+from sketchtune.info import describe
+from sketchtune.modeling import load_model
+
+GGUF = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+def _sk(bits: int, gpr: int, refit: bool) -> dict:
+    return dict(method="sketch", bits=bits, gpr=gpr, refit=refit)
+
+
+# Ordered so that a run cut short still answers the main questions (INT4 first, baselines beside it).
+MAIN_CONFIGS = [
+    dict(method="rtn", bits=4, gpr=1, refit=False), dict(method="rtn", bits=3, gpr=1, refit=False),
+    dict(method="gptq", bits=4, gpr=1, refit=False), _sk(4, 1, False), _sk(4, 1, True),
+    dict(method="gptq", bits=3, gpr=1, refit=False), _sk(3, 1, False), _sk(3, 1, True),
+    _sk(4, 4, False), _sk(4, 4, True), _sk(2, 1, False), _sk(2, 1, True),
+    _sk(3, 4, False), _sk(3, 4, True), _sk(2, 4, False), _sk(2, 4, True),
+]
+SWEEP_CONFIGS = [
+    dict(method="sketch", bits=4, gpr=1, refit=False, s=s, importance=imp)
+    for imp in ("paper", "cholesky") for s in (0.0, 1.0, 2.0, 3.0, 4.0)
+    if not (imp == "cholesky" and s == 0.0)  # s = 0 is unweighted k-means under either definition
+]
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak`` is the maximum seen (bytes)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def label(cfg: dict) -> str:
+    name = {"sketch": "SketchTune", "rtn": "RTN", "gptq": "GPTQ-uniform"}[cfg["method"]]
+    parts = [name, f"INT{cfg['bits']}", f"GPR{cfg['gpr']}"]
+    if cfg["method"] == "sketch":
+        parts.append("refit" if cfg.get("refit") else "k-means")
+        if "s" in cfg:
+            parts.append(f"s={cfg['s']:g}/{cfg['importance']}")
+    return " ".join(parts)
+
+
+def run_config(base, tok, cfg, args, workdir: Path) -> dict:
+    model = copy.deepcopy(base)
+    kwargs = {k: v for k, v in cfg.items() if k in ("method", "bits", "gpr", "refit", "s", "importance")}
+    with PeakRSS() as mem:
+        report = sketchtune.sketch_model(
+            model, tok, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            device=args.device, progress=not args.quiet, **kwargs,
+        )
+    out = workdir / "ckpt"
+    sketchtune.save(model, tok, out, dtype="float16")
+    del model
+    info = describe(out)
+    reloaded, _ = sketchtune.load(out, dtype=torch.float32, device=args.device)
+    ppl = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
+    return {
+        "label": label(cfg), **cfg, "wikitext2_ppl": ppl.ppl, "sketch_seconds": report.seconds,
+        "peak_rss_bytes": mem.peak, "peak_rss_over_model_bytes": mem.peak - args.base_rss,
+        "peak_device_bytes": report.peak_device_bytes, "mean_rel_layer_error": report.mean_error,
+        "checkpoint_weight_bytes": info["weights_bytes_on_disk"], "sketched_bytes": info["sketched_bytes"],
+        "sketched_fp16_bytes": info["sketched_fp16_bytes"],
+        "sketched_over_fp16": info["sketched_bytes"] / info["sketched_fp16_bytes"],
+        "trainable_params": info["trainable_params"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--model", default=None, help=f"default: DATA_DIR/{GGUF}")
+    p.add_argument("--calib", default=None, help="default: DATA_DIR/c4/c4_sample_1000.jsonl")
+    p.add_argument("--eval-data", default=None, help="default: DATA_DIR/wikitext-2-raw/wiki.test.raw")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sweep-s", action="store_true", help="also sweep the importance exponent s")
+    p.add_argument("--only-sweep", action="store_true", help="run only the s sweep")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N configurations (smoke test)")
+    p.add_argument("--out", default="benchmarks/results/sketch_quality.json")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    data = Path(args.data_dir)
+    args.model = args.model or str(data / GGUF)
+    args.calib = args.calib or str(data / "c4" / "c4_sample_1000.jsonl")
+    args.eval_data = args.eval_data or str(data / "wikitext-2-raw" / "wiki.test.raw")
+
+    base, tok = load_model(args.model, dtype=torch.float32)
+    args.base_rss = psutil.Process().memory_info().rss
+    fp = perplexity(base.to(args.device), tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
+    base.to("cpu")
+    configs = ([] if args.only_sweep else MAIN_CONFIGS) + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
+    configs = configs[: args.limit] if args.limit else configs
+    rows = [{"label": "FP32 (dequantized GGUF)", "method": "fp", "wikitext2_ppl": fp.ppl}]
+    print(f"{'configuration':<44}{'wiki2 ppl':>10}{'time s':>9}{'peak MiB':>10}{'bytes/fp16':>11}")
+    print(f"{rows[0]['label']:<44}{fp.ppl:>10.3f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in configs:
+            row = run_config(base, tok, cfg, args, Path(tmp))
+            rows.append(row)
+            print(f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}{row['sketch_seconds']:>9.1f}"
+                  f"{row['peak_rss_over_model_bytes'] / 2**20:>10.0f}{row['sketched_over_fp16']:>11.3f}", flush=True)
+            _write(args, rows)
+    _write(args, rows)
+
+
+def _write(args, rows) -> None:
+    meta = {
+        "model": os.path.basename(args.model), "calibration": f"{args.nsamples}x{args.seqlen} C4 seed {args.seed}",
+        "eval": f"WikiText-2 test, first {args.eval_windows} windows of {args.eval_seqlen}",
+        "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "sketchtune": sketchtune.__version__,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

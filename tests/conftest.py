@@ -1,0 +1,47 @@
+"""Shared fixtures: the bundled real TinyStories-656K model, its real calibration Hessians, a sketched copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sketchtune
+from sketchtune.modeling import BUNDLED_MODEL, find_decoder_layers, load_model
+from sketchtune.sketch.calibration import calibration_tokens
+from sketchtune.sketch.pipeline import _HessianCollector
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the real pretrained TinyStories-656K, fp32 on CPU."""
+    torch.manual_seed(0)
+    return load_model(BUNDLED_MODEL, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def layer0_hessians(tiny):
+    """Real calibration Hessians of decoder layer 0 (C4 text), keyed by linear name, with the weights."""
+    model, tok = tiny
+    _, layers = find_decoder_layers(model)
+    tokens = calibration_tokens(tok, "c4", nsamples=16, seqlen=128, seed=0)
+    linears = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    collector = _HessianCollector(linears)
+    with torch.no_grad():
+        for batch in tokens.split(8):
+            model(input_ids=batch)
+            collector.end_batch()
+    collector.close()
+    return {n: (m.weight.detach().clone(), collector.hessian(n)) for n, m in linears.items()}, collector
+
+
+@pytest.fixture(scope="session")
+def sketched_dir(tiny, tmp_path_factory):
+    """TinyStories-656K sketched at INT4 GPR1 and saved (fp16) — shared by the round-trip and CLI tests."""
+    import copy
+
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    sketchtune.sketch_model(m, tok, calib="c4", nsamples=16, seqlen=128, bits=4, gpr=1, progress=False)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-int4"
+    sketchtune.save(m, tok, out, dtype="float16")
+    return out

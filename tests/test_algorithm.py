@@ -1,0 +1,99 @@
+"""The sketching algorithm on real TinyStories-656K weights and real calibration Hessians."""
+
+import pytest
+import torch
+
+from sketchtune.errors import SketchError
+from sketchtune.sketch.algorithm import (
+    output_error,
+    round_to_nearest,
+    sketch_weight,
+    uniform_codebook,
+)
+
+NAMES = ["self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bits,gpr", [(4, 1), (3, 4), (2, 1)])
+def test_mapping_beats_nearest_rounding_with_same_codebooks(layer0_hessians, name, bits, gpr):
+    W, H = layer0_hessians[0][name]
+    res = sketch_weight(W, H, bits, gpr)
+    assert res.codes.dtype == torch.uint8 and res.codes.shape == W.shape
+    assert res.codebook.shape == (W.shape[0], gpr, 2**bits)
+    nearest = round_to_nearest(W, bits, gpr, codebook=res.codebook)
+    assert output_error(W, res.reconstruct(), H) < output_error(W, nearest.reconstruct(), H)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_refit_lowers_layer_output_error(layer0_hessians, name):
+    W, H = layer0_hessians[0][name]
+    plain = sketch_weight(W, H, 3, 1)
+    refit = sketch_weight(W, H, 3, 1, refit=True)
+    assert torch.equal(plain.codes, refit.codes)  # refit only moves codebooks
+    assert output_error(W, refit.reconstruct(), H) < output_error(W, plain.reconstruct(), H)
+
+
+def test_sketch_beats_gptq_and_rtn_at_equal_bits(layer0_hessians):
+    for name in NAMES:
+        W, H = layer0_hessians[0][name]
+        sk = output_error(W, sketch_weight(W, H, 3, 1).reconstruct(), H)
+        gptq = output_error(W, sketch_weight(W, H, 3, 1, codebook_fn=uniform_codebook).reconstruct(), H)
+        rtn = output_error(W, round_to_nearest(W, 3, 1).reconstruct(), H)
+        assert sk < gptq < rtn
+
+
+def test_more_groups_and_bits_lower_error(layer0_hessians):
+    W, H = layer0_hessians[0]["mlp.down_proj"]
+    err = {(b, g): output_error(W, sketch_weight(W, H, b, g).reconstruct(), H) for b in (2, 3, 4) for g in (1, 4)}
+    assert err[(4, 1)] < err[(3, 1)] < err[(2, 1)]
+    for b in (2, 3, 4):
+        assert err[(b, 4)] < err[(b, 1)]
+
+
+def test_shared_hessians_for_same_input(layer0_hessians):
+    _, collector = layer0_hessians
+    lead = collector.leader
+    assert lead["self_attn.k_proj"] == lead["self_attn.v_proj"] == lead["self_attn.q_proj"]
+    assert lead["mlp.up_proj"] == lead["mlp.gate_proj"]
+    assert len({lead[n] for n in lead}) == 4  # qkv, o, gate/up, down
+
+
+def test_deterministic(layer0_hessians):
+    W, H = layer0_hessians[0]["self_attn.q_proj"]
+    a, b = sketch_weight(W, H, 4, 2, refit=True), sketch_weight(W, H, 4, 2, refit=True)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.codebook, b.codebook)
+
+
+def test_dead_columns_are_exact_and_harmless(layer0_hessians):
+    W, H = layer0_hessians[0]["self_attn.q_proj"]
+    H = H.clone()
+    H[:5, :] = 0
+    H[:, :5] = 0
+    res = sketch_weight(W, H, 4, 1)
+    assert torch.isfinite(res.codebook).all()
+    live = output_error(W[:, 5:], res.reconstruct()[:, 5:], H[5:, 5:])
+    assert live < output_error(W[:, 5:], round_to_nearest(W, 4, 1).reconstruct()[:, 5:], H[5:, 5:])
+
+
+def test_rank_deficient_hessian_is_damped(layer0_hessians):
+    W, _ = layer0_hessians[0]["self_attn.q_proj"]
+    x = torch.randn(W.shape[1], 3)
+    res = sketch_weight(W, 2 * x @ x.T, 4, 1)  # rank 3: singular without damping
+    assert torch.isfinite(res.codebook).all()
+
+
+def test_bad_inputs_raise_clear_errors(layer0_hessians):
+    W, H = layer0_hessians[0]["self_attn.q_proj"]
+    with pytest.raises(SketchError, match="NaN"):
+        bad = W.clone()
+        bad[0, 0] = float("nan")
+        sketch_weight(bad, H)
+    with pytest.raises(SketchError, match="singular"):
+        sketch_weight(W, -torch.eye(W.shape[1]))
+    with pytest.raises(SketchError, match="bits"):
+        sketch_weight(W, H, bits=5)
+    with pytest.raises(SketchError, match="divisor"):
+        sketch_weight(W, H, gpr=3)
+    with pytest.raises(SketchError, match="shape"):
+        sketch_weight(W, H[:10, :10])
