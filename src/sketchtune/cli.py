@@ -1,4 +1,4 @@
-"""``sketchtune`` command line: sketch, ppl, info, generate.
+"""``sketchtune`` command line: sketch, ppl, info, train, eval-tasks, generate.
 
 Every user error is a :class:`SketchError` printed as one line (``error: ...``) with exit status 2.
 """
@@ -21,6 +21,16 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
     return value
+
+
+#: ``sketchtune train`` flags named as in ``transformers.TrainingArguments`` (dashes for underscores).
+TRAINING_FLAGS = [
+    ("--max-steps", int, -1), ("--num-train-epochs", float, 3.0), ("--learning-rate", float, 8e-5),
+    ("--per-device-train-batch-size", int, 4), ("--per-device-eval-batch-size", int, 4),
+    ("--gradient-accumulation-steps", int, 1), ("--warmup-steps", int, 0), ("--lr-scheduler-type", str, "linear"),
+    ("--weight-decay", float, 0.0), ("--max-grad-norm", float, 1.0), ("--logging-steps", int, 10),
+    ("--save-steps", int, 100), ("--save-total-limit", int, 2), ("--eval-steps", int, None), ("--seed", int, 42),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("dir")
     inf.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    tr = sub.add_parser("train", help="fine-tune the codebooks of a sketched model (HF Trainer)")
+    tr.add_argument("model", help="sketched checkpoint directory")
+    tr.add_argument("--data", required=True,
+                    help="comma-separated JSON/JSONL instruction files (LLM-Adapters or GSM8K fields) or .txt files")
+    tr.add_argument("--out", required=True, help="run directory: adapter, checkpoints, train_results.json")
+    tr.add_argument("--eval-data", default=None, help="held-out file(s) for eval loss (same formats as --data)")
+    tr.add_argument("--val-set-size", type=int, default=0, help="hold out this many training examples instead")
+    tr.add_argument("--cutoff-len", type=_positive_int, default=256, help="max tokens per example")
+    tr.add_argument("--train-on-inputs", action="store_true", help="also take the loss on prompt tokens")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    tr.add_argument("--save-full", action="store_true", help="also write a full sketched checkpoint to OUT/full")
+    for flag, kind, default in TRAINING_FLAGS:
+        tr.add_argument(flag, type=kind, default=default)
+    tr.add_argument("--bf16", action="store_true")
+    tr.add_argument("--fp16", action="store_true")
+    tr.add_argument("--device", default=None)
+
+    from .eval.tasks import add_eval_tasks_arguments
+
+    add_eval_tasks_arguments(sub.add_parser("eval-tasks", help="math / commonsense accuracy (LLM-Adapters sets)"))
+
     gen = sub.add_parser("generate", help="generate text")
     gen.add_argument("model")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
+    gen.add_argument("--adapter", default=None, help="sketch adapter (directory or .safetensors) to apply")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     gen.add_argument("--do-sample", action="store_true")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -177,16 +209,53 @@ def cmd_info(args) -> None:
         print(f"{k:<36}{v}")
 
 
+def cmd_train(args) -> None:
+    from .checkpoint import load
+    from .train.data import build_dataset
+    from .train.trainer import train_sketch
+
+    device = _device(args.device)
+    model, tok = load(args.model, dtype="auto", device=device)
+    if tok is None:
+        raise SketchError(f"{args.model} has no tokenizer files")
+    train_ds = build_dataset(args.data, tok, args.cutoff_len, args.train_on_inputs)
+    eval_ds = build_dataset(args.eval_data, tok, args.cutoff_len, args.train_on_inputs) if args.eval_data else None
+    if eval_ds is None and args.val_set_size > 0:
+        split = train_ds.train_test_split(test_size=args.val_set_size, seed=args.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    hf_args = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in TRAINING_FLAGS}
+    hf_args.update(bf16=args.bf16, fp16=args.fp16, use_cpu=device == "cpu")
+    metrics = train_sketch(model, tok, train_ds, args.out, eval_ds, resume=args.resume, save_full=args.save_full,
+                           **hf_args)
+    print(f"\ntrained {metrics['trainable_params']:,} codebook parameters for {metrics['global_step']} steps "
+          f"({metrics['seconds_per_step']:.3f} s/step); train loss {metrics['train_loss']:.4f}"
+          + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
+    print(f"sketch adapter: {Path(args.out) / 'sketch_adapter.safetensors'}")
+
+
 def cmd_generate(args) -> None:
     from .eval.generate import generate
     from .modeling import load_model
 
     model, tok = load_model(args.model, device=_device(args.device))
+    if args.adapter:
+        from .train.adapter import load_adapter
+
+        load_adapter(model, args.adapter)
     print(generate(model, tok, args.prompt, args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                    args.seed))
 
 
-COMMANDS = {"sketch": cmd_sketch, "ppl": cmd_ppl, "info": cmd_info, "generate": cmd_generate}
+def cmd_eval_tasks(args) -> None:
+    from .eval.tasks import run_eval_tasks
+
+    run_eval_tasks(args)
+
+
+COMMANDS = {
+    "sketch": cmd_sketch, "ppl": cmd_ppl, "info": cmd_info, "train": cmd_train, "eval-tasks": cmd_eval_tasks,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Fine-tuning sketched models: only the codebooks train (codes stay frozen), through Hugging Face Trainer."""

@@ -1,0 +1,147 @@
+"""Codebook fine-tuning on the real sketched TinyStories-656K: what trains, that it learns, resume, adapters."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sketchtune
+from sketchtune.errors import SketchError
+from sketchtune.prompts import format_prompt
+from sketchtune.train.adapter import load_adapter, save_adapter
+from sketchtune.train.data import IGNORE_INDEX, build_dataset, load_instruction_data, tokenize_instructions
+from sketchtune.train.trainer import prepare_for_training, train_sketch
+
+TRAIN_ARGS = dict(max_steps=4, per_device_train_batch_size=2, logging_steps=1, save_steps=2, learning_rate=5e-3,
+                  seed=7, use_cpu=True, disable_tqdm=True, save_total_limit=None)
+
+
+@pytest.fixture
+def base(sketched_dir):
+    return sketchtune.load(sketched_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def lm_data(tiny):
+    return build_dataset("tinystories", tiny[1], cutoff_len=32)
+
+
+def _losses(metrics):
+    return {h["step"]: h["loss"] for h in metrics["log_history"] if "loss" in h}
+
+
+def test_only_codebooks_change(base, lm_data, tmp_path):
+    model, tok = base
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = prepare_for_training(model)
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert all(n.endswith(".codebook") for n, p in model.named_parameters() if p.requires_grad)
+    train_sketch(model, tok, lm_data, tmp_path / "run", **{**TRAIN_ARGS, "max_steps": 2, "save_steps": 10})
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
+    assert changed and all(k.endswith(".codebook") for k in changed)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n.endswith(".codebook"))
+
+
+def test_one_step_lowers_loss_on_fixed_batch(base, lm_data):
+    model, _ = base
+    prepare_for_training(model)
+    batch = {k: torch.tensor(lm_data[:4][k]) for k in ("input_ids", "attention_mask", "labels")}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss0 = model(**batch).loss
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        assert model(**batch).loss < loss0
+
+
+def test_resume_after_sigkill_reproduces_next_loss(sketched_dir, base, lm_data, tmp_path):
+    model, tok = base
+    reference = _losses(train_sketch(model, tok, lm_data, tmp_path / "ref", **TRAIN_ARGS))
+    run = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, torch, sketchtune
+        from transformers import TrainerCallback
+        from sketchtune.train.data import build_dataset
+        from sketchtune.train.trainer import train_sketch
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 3:  # after checkpoint-2, before checkpoint-4
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        model, tok = sketchtune.load({str(sketched_dir)!r}, dtype=torch.float32)
+        data = build_dataset("tinystories", tok, cutoff_len=32)
+        train_sketch(model, tok, data, {str(run)!r}, callbacks=[Kill()], **{TRAIN_ARGS!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and not (run / "train_results.json").exists()
+    model2, tok2 = sketchtune.load(sketched_dir, dtype=torch.float32)
+    resumed = train_sketch(model2, tok2, lm_data, run, resume=True, **TRAIN_ARGS)
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    got = _losses(resumed)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(reference[step], rel=1e-4)
+
+
+def test_adapter_save_load_swap(sketched_dir, lm_data, tmp_path):
+    ids = torch.arange(1, 30)[None]
+    logits = {}
+    for name, lr in (("a", 5e-3), ("b", 2e-2)):
+        model, tok = sketchtune.load(sketched_dir, dtype=torch.float32)
+        train_sketch(model, tok, lm_data, tmp_path / name, **{**TRAIN_ARGS, "learning_rate": lr, "save_steps": 10})
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    base, _ = sketchtune.load(sketched_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        for name in ("a", "b", "a"):
+            load_adapter(base, tmp_path / name)
+            torch.testing.assert_close(base(ids).logits, logits[name], rtol=0, atol=1e-5)
+    assert not torch.allclose(base_logits, logits["a"])
+    assert (tmp_path / "a" / "sketch_adapter.safetensors").stat().st_size < 0.5 * (sketched_dir / "model.safetensors").stat().st_size
+
+
+def test_adapter_rejects_other_base(tiny, tmp_path, sketched_dir):
+    import copy
+
+    model, tok = tiny
+    other = copy.deepcopy(model)
+    sketchtune.sketch_model(other, tok, nsamples=4, seqlen=64, bits=4, gpr=1, method="rtn", progress=False)
+    save_adapter(other, tmp_path / "other")
+    base, _ = sketchtune.load(sketched_dir, dtype=torch.float32)
+    with pytest.raises(SketchError, match="different sketched base"):
+        load_adapter(base, tmp_path / "other")
+
+
+def test_instruction_formatting_masks_prompt(tiny, tmp_path):
+    tok = tiny[1]
+    recs = [{"instruction": "Add 2 and 3.", "input": "", "output": "Two and three make five. The answer is 5", "answer": "5"},
+            {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3+2=<<3+2=5>>5\n#### 5"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    ds = load_instruction_data(str(path))
+    assert ds[1]["output"].endswith("The answer is 5") and "<<" not in ds[1]["output"]
+    enc = tokenize_instructions(ds, tok, cutoff_len=256)
+    row = enc[0]
+    n_prompt = len(tok(format_prompt(recs[0]["instruction"])).input_ids)
+    assert all(l == IGNORE_INDEX for l in row["labels"][:n_prompt])
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert tok.decode(row["input_ids"][n_prompt:], skip_special_tokens=True).strip().startswith("Two and three make five")
+
+
+def test_cli_train_then_generate_with_adapter(capsys, sketched_dir, tmp_path):
+    from sketchtune.cli import main
+
+    code = main(["train", str(sketched_dir), "--data", "tinystories", "--out", str(tmp_path / "r"), "--max-steps", "2",
+                 "--cutoff-len", "32", "--logging-steps", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and "codebook parameters" in out
+    code = main(["generate", str(sketched_dir), "--adapter", str(tmp_path / "r"), "--max-new-tokens", "5"])
+    assert code == 0
+    assert main(["train", str(sketched_dir), "--data", "/no/such.json", "--out", str(tmp_path / "x")]) == 2
