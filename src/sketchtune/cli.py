@@ -1,4 +1,4 @@
-"""``sketchtune`` command line: sketch, ppl, info, train, eval-tasks, generate.
+"""``sketchtune`` command line: sketch, ppl, info, train, eval-tasks, analyze-delta, generate.
 
 Every user error is a :class:`SketchError` printed as one line (``error: ...``) with exit status 2.
 """
@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.tasks import add_eval_tasks_arguments
 
     add_eval_tasks_arguments(sub.add_parser("eval-tasks", help="math / commonsense accuracy (LLM-Adapters sets)"))
+
+    ad = sub.add_parser("analyze-delta", help="rank / sketch analysis of a fine-tuning update BASE -> TUNED")
+    ad.add_argument("base")
+    ad.add_argument("tuned")
+    ad.add_argument("--sketch", default=None, help="sketched checkpoint of BASE whose code mapping to use")
+    ad.add_argument("--bits", type=int, default=4)
+    ad.add_argument("--gpr", default="1,2,4,8", help="GPRs for mappings computed from BASE (without --sketch)")
+    ad.add_argument("--max-layers", type=_positive_int, default=None)
+    ad.add_argument("--out", default="delta-analysis")
+    ad.add_argument("--no-plots", action="store_true")
 
     gen = sub.add_parser("generate", help="generate text")
     gen.add_argument("model")
@@ -246,6 +256,25 @@ def cmd_generate(args) -> None:
                    args.seed))
 
 
+def cmd_analyze_delta(args) -> None:
+    from .analysis.report import analyze_models
+    from .sketch.algorithm import check_bits_gpr
+
+    gprs = tuple(int(g) for g in args.gpr.split(","))
+    for g in gprs:
+        check_bits_gpr(args.bits, g)
+    res = analyze_models(args.base, args.tuned, args.out, args.sketch, args.bits, gprs, args.max_layers,
+                         plots=not args.no_plots)
+    summ = res["summary"]
+    print("mean rank needed: " + ", ".join(f"{k} energy {v:.1f}" for k, v in summ["mean_rank_for_energy"].items()))
+    print(f"mean power-law exponent eta of sigma^2: {summ['mean_eta']:.3f}")
+    print(f"\n{'GPR':>4}{'sketch err':>12}{'low-rank err':>14}{'sketch wins':>13}{'Thm 3.1 agrees':>16}")
+    for g, v in summ["by_gpr"].items():
+        print(f"{g:>4}{v['sketch_error']:>12.4f}{v['lowrank_error']:>14.4f}{v['sketch_wins']:>8}/{v['layers']:<4}"
+              f"{v['theorem_agrees']:>11}/{v['layers']}")
+    print(f"\nwrote {Path(args.out) / 'delta_analysis.json'}" + ("" if args.no_plots else " and PNG plots"))
+
+
 def cmd_eval_tasks(args) -> None:
     from .eval.tasks import run_eval_tasks
 
@@ -254,7 +283,7 @@ def cmd_eval_tasks(args) -> None:
 
 COMMANDS = {
     "sketch": cmd_sketch, "ppl": cmd_ppl, "info": cmd_info, "train": cmd_train, "eval-tasks": cmd_eval_tasks,
-    "generate": cmd_generate,
+    "analyze-delta": cmd_analyze_delta, "generate": cmd_generate,
 }
 
 

@@ -1,0 +1,1 @@
+"""Analyses of fine-tuning updates (paper §2.1 / §3)."""
