@@ -16,12 +16,12 @@ import json
 import os
 import platform
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import torch
+from _common import PeakRSS
 
 import sketchtune
 from sketchtune.eval.perplexity import perplexity
@@ -47,27 +47,6 @@ SWEEP_CONFIGS = [
     for imp in ("paper", "cholesky") for s in (0.0, 1.0, 2.0, 3.0, 4.0)
     if not (imp == "cholesky" and s == 0.0)  # s = 0 is unweighted k-means under either definition
 ]
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread; ``peak`` is the maximum seen (bytes)."""
-
-    def __init__(self, interval: float = 0.05):
-        self.proc, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def label(cfg: dict) -> str:

@@ -1,0 +1,207 @@
+"""SketchTune vs LoRA, DoRA, QLoRA and full fine-tuning on SmolLM2-135M, in one harness.
+
+Every method trains on the same tokenized data, for the same number of steps, with the same batch size,
+schedule (linear decay after warmup) and seed, through the same ``transformers.Trainer``; only the trainable
+parameters (and each method's customary learning rate, see ``LEARNING_RATES``) differ. Baselines come from
+peft (LoRA / DoRA on the fp32 base; QLoRA = LoRA on a bitsandbytes NF4 base, which runs on CPU since
+bitsandbytes 0.45). Reported per method: trainable parameters, base-model bytes, held-out eval loss, task
+accuracy, peak RSS and seconds per step. ``--save-full-ft`` keeps the fully fine-tuned model for
+``sketchtune analyze-delta``.
+
+    python benchmarks/finetune_compare.py --data-dir ../shared/data --task math
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+from pathlib import Path
+
+import torch
+from _common import PeakRSS, machine_meta, write_json
+
+import sketchtune
+from sketchtune.eval.tasks import evaluate_tasks
+from sketchtune.modeling import load_model
+from sketchtune.train.data import build_dataset
+from sketchtune.train.trainer import build_trainer, train_sketch
+
+GGUF = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
+TASKS = {
+    "math": {
+        "train": ["llm-adapters/ft-training_set/math_data.json", "gsm8k/train.jsonl"],
+        "eval": ["gsm8k", "SVAMP", "mawps", "AddSub"], "mode": "generate",
+    },
+    "commonsense": {
+        "train": [f"llm-adapters/dataset/{n}/train.json" for n in ("boolq", "openbookqa", "ARC-Easy", "ARC-Challenge")],
+        "eval": ["boolq", "openbookqa", "ARC-Easy", "ARC-Challenge"], "mode": "likelihood",
+    },
+}
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Customary learning rates: codebooks and adapters move little per step; full fine-tuning needs a small LR.
+LEARNING_RATES = {"sketchtune": 1e-4, "lora": 3e-4, "dora": 3e-4, "qlora": 3e-4, "full": 2e-5}
+
+
+def lora_rank_for(params: int, model) -> int:
+    """LoRA rank whose trainable-parameter count on the decoder linears is closest to ``params``."""
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS)
+    return max(1, round(params / per_rank))
+
+
+def param_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def fp16_bytes(model) -> int:
+    return sum(p.numel() * 2 for p in model.parameters() if p.is_floating_point())
+
+
+def sketch_base(base, tok, gpr: int, args) -> Path:
+    out = Path(args.cache) / f"smollm2-int4-gpr{gpr}"
+    if not (out / "config.json").is_file():
+        m = copy.deepcopy(base)
+        sketchtune.sketch_model(m, tok, calib=str(Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"),
+                                nsamples=args.calib_nsamples, seqlen=512, bits=4, gpr=gpr)
+        sketchtune.save(m, tok, out, dtype="float16")
+    return out
+
+
+def build_method(name: str, base, tok, args, budget: dict):
+    """(model, trainable params, base bytes) for one method, ready for the Trainer."""
+    kind = name.split("-")[0]
+    if kind == "sketchtune":
+        gpr = int(name.split("gpr")[1])
+        path = sketch_base(base, tok, gpr, args)
+        model, _ = sketchtune.load(path, dtype=torch.float32)
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        return model, sum(m.codebook.numel() for m in model.modules() if hasattr(m, "codebook")), size
+    from peft import LoraConfig, get_peft_model
+
+    if kind == "full":
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, sum(p.numel() for p in model.parameters()), fp16_bytes(base)
+    rank = int(name.split("-r")[1])
+    if kind == "qlora":
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        fp_dir = Path(args.cache) / "smollm2-fp32"
+        if not (fp_dir / "config.json").is_file():
+            base.save_pretrained(fp_dir)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                 bnb_4bit_use_double_quant=True)
+        model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=bnb, dtype=torch.float32)
+        size = param_bytes(model)
+    else:
+        model, size = copy.deepcopy(base), fp16_bytes(base)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LINEARS, use_dora=kind == "dora",
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    return model, sum(p.numel() for p in model.parameters() if p.requires_grad), size
+
+
+def run_method(name: str, base, tok, train_ds, eval_ds, task: dict, args, budget: dict) -> dict:
+    torch.manual_seed(args.seed)
+    kind = name.split("-")[0]
+    with PeakRSS() as mem:
+        model, trainable, base_bytes = build_method(name, base, tok, args, budget)
+        training = dict(max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+                        gradient_accumulation_steps=args.grad_accum, learning_rate=LEARNING_RATES[kind],
+                        warmup_steps=max(1, args.max_steps // 10), lr_scheduler_type="linear", logging_steps=5,
+                        save_strategy="no", seed=args.seed, use_cpu=not torch.cuda.is_available(),
+                        per_device_eval_batch_size=8, disable_tqdm=args.quiet)
+        run_dir = Path(args.cache) / "runs" / f"{args.task}-{name}"
+        t0 = time.perf_counter()
+        if kind == "sketchtune":
+            metrics = train_sketch(model, tok, train_ds, run_dir, eval_ds, **training)
+            eval_loss = metrics["eval_loss"]
+        else:
+            trainer = build_trainer(model, tok, train_ds, eval_ds, run_dir, **training)
+            trainer.train()
+            eval_loss = trainer.evaluate()["eval_loss"]
+        seconds = time.perf_counter() - t0
+    model.eval()
+    acc = evaluate_tasks(model, tok, task["eval"], Path(args.data_dir) / "llm-adapters" / "dataset",
+                         limit=args.eval_limit, batch_size=8, mode=task["mode"], progress=not args.quiet,
+                         max_new_tokens=args.max_new_tokens if task["mode"] == "generate" else None)
+    if kind == "full" and args.save_full_ft:
+        model.save_pretrained(Path(args.cache) / f"full-ft-{args.task}")
+        tok.save_pretrained(Path(args.cache) / f"full-ft-{args.task}")
+    row = {
+        "method": name, "trainable_params": trainable, "base_model_bytes": base_bytes, "eval_loss": eval_loss,
+        "accuracy": {t: r["accuracy"] for t, r in acc["tasks"].items()}, "avg_accuracy": acc["average"],
+        "peak_rss_bytes": mem.peak, "seconds": seconds, "seconds_per_step": seconds / args.max_steps,
+    }
+    del model
+    gc.collect()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--model", default=None, help=f"default: DATA_DIR/{GGUF}")
+    p.add_argument("--task", choices=list(TASKS), default="math")
+    p.add_argument("--methods", default="sketchtune-gpr4,lora,dora,qlora,full",
+                   help="comma list; lora/dora/qlora get the rank matching SketchTune GPR 4 unless -rN is given")
+    p.add_argument("--train-examples", type=int, default=512)
+    p.add_argument("--eval-examples", type=int, default=64, help="held-out examples for eval loss")
+    p.add_argument("--eval-limit", type=int, default=25, help="test records per task for accuracy")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--calib-nsamples", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default="benchmarks/cache", help="sketched bases, runs and the full-FT model")
+    p.add_argument("--save-full-ft", action="store_true")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/finetune_<task>.json")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    data = Path(args.data_dir)
+    task = TASKS[args.task]
+    base, tok = load_model(args.model or str(data / GGUF), dtype=torch.float32)
+    if getattr(base, "hf_quantizer", None) is not None:  # the GGUF loader's; the fp32 weights are plain now
+        base.hf_quantizer = None
+        base.is_quantized = False
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    full = build_dataset(",".join(str(data / f) for f in task["train"]), tok, args.cutoff_len).shuffle(seed=args.seed)
+    eval_ds = full.select(range(args.eval_examples))
+    train_ds = full.select(range(args.eval_examples, args.eval_examples + args.train_examples))
+    gpr4_params = sum(m.out_features * 4 * 16 for n, m in base.named_modules()
+                      if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS)
+    rank = lora_rank_for(gpr4_params, base)
+    methods = [m if m.startswith(("sketchtune", "full")) or "-r" in m else f"{m}-r{rank}" for m in args.methods.split(",")]
+    out = args.out or f"benchmarks/results/finetune_{args.task}.json"
+    rows = []
+    header = f"{'method':<18}{'trainable':>12}{'base MiB':>10}{'eval loss':>11}{'avg acc':>9}{'s/step':>8}{'peak MiB':>10}"
+    print(header)
+    for name in methods:
+        row = run_method(name, base, tok, train_ds, eval_ds, task, args, {"params": gpr4_params})
+        rows.append(row)
+        print(f"{name:<18}{row['trainable_params']:>12,}{row['base_model_bytes'] / 2**20:>10.1f}{row['eval_loss']:>11.4f}"
+              f"{row['avg_accuracy']:>9.3f}{row['seconds_per_step']:>8.2f}{row['peak_rss_bytes'] / 2**20:>10.0f}", flush=True)
+        write_json(out, {"meta": {**machine_meta(), **{k: v for k, v in vars(args).items()}, "lora_rank": rank,
+                                  "learning_rates": LEARNING_RATES}, "rows": rows})
+    lora = next((r for r in rows if r["method"].startswith("lora")), None)
+    if lora:
+        print("\nratios vs LoRA (same rank budget):")
+        for r in rows:
+            print(f"  {r['method']:<18} base bytes x{r['base_model_bytes'] / lora['base_model_bytes']:.2f}  "
+                  f"eval loss {r['eval_loss'] - lora['eval_loss']:+.4f}  s/step x{r['seconds_per_step'] / lora['seconds_per_step']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
