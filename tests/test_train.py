@@ -145,3 +145,18 @@ def test_cli_train_then_generate_with_adapter(capsys, sketched_dir, tmp_path):
     code = main(["generate", str(sketched_dir), "--adapter", str(tmp_path / "r"), "--max-new-tokens", "5"])
     assert code == 0
     assert main(["train", str(sketched_dir), "--data", "/no/such.json", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_trl_sft_trainer_trains_only_codebooks(base, tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    model, tok = base
+    prepare_for_training(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = Dataset.from_dict({"text": ["Once upon a time there was a little dog named Max. He liked to run."] * 8})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                         use_cpu=True, learning_rate=1e-3, max_length=64, save_strategy="no", disable_tqdm=True)
+    trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed and all(k.endswith(".codebook") for k in changed)
