@@ -169,18 +169,19 @@ def sketch_weight(
         codebook[:, g] = cb
         for i1 in range(start, stop, blocksize):
             i2 = min(i1 + blocksize, stop)
-            W1 = W[:, i1:i2].clone()
+            # Column-major copy of the block: the per-column rank-1 update then touches contiguous memory.
+            W1 = W[:, i1:i2].T.contiguous()
             U1 = U[i1:i2, i1:i2]
             err = torch.empty_like(W1)
             for j in range(i2 - i1):
-                w = W1[:, j]
+                w = W1[j]
                 idx = (w[:, None] - cb).abs().argmin(dim=1)
                 q = cb.gather(1, idx[:, None]).squeeze(1)
                 e = (w - q) / U1[j, j]
-                W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
-                err[:, j] = e
+                W1[j:] -= U1[j, j:, None] * e[None, :]
+                err[j] = e
                 codes[:, i1 + j] = idx.to(torch.uint8)
-            W[:, i2:] -= err @ U[i1:i2, i2:]
+            W[:, i2:] -= err.T @ U[i1:i2, i2:]
 
     if refit:
         from .refit import refit_codebooks
