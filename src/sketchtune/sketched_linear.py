@@ -2,8 +2,9 @@
 
 The forward pass rebuilds Ŵ = codebook[codes] and runs one ``F.linear`` — no adapter branch. Because the
 rebuild is a ``gather``, autograd's backward is exactly the scatter-add of ∂L/∂Ŵ into the codebook that the
-paper's gradient kernel computes, so the pure-PyTorch path below is both the reference and the CPU path;
-faster kernels plug in behind :func:`dequantize`.
+paper's gradient kernel computes, so the pure-PyTorch path below is the reference. ``forward`` goes through
+:func:`sketchtune.kernels.sketched_linear`, which runs the Triton kernels on CUDA and this reference on CPU
+(with a dense-Ŵ cache in eval mode, so CPU decoding is as fast as the dense layer).
 
 The packed codes live in a frozen uint8 parameter named ``weight`` (bitsandbytes does the same for 4-bit
 weights). That is deliberate: a checkpoint loaded *without* sketchtune then fails with a shape mismatch on
@@ -13,10 +14,10 @@ weights). That is deliberate: a checkpoint loaded *without* sketchtune then fail
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .kernels import DenseWeightCache, sketched_linear
 
 
 def dequantize(packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -48,6 +49,7 @@ class SketchedLinear(nn.Module):
             requires_grad=False,
         )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._dense_cache = DenseWeightCache()  # CPU eval only; not state, never saved
 
     @classmethod
     def from_codes(
@@ -78,8 +80,10 @@ class SketchedLinear(nn.Module):
         return dequantize(self.weight, self.codebook, self.bits, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_hat = self.dequantize()
-        return F.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.training:
+            self._dense_cache.clear()
+        cache = None if self.training else self._dense_cache
+        return sketched_linear(x, self.weight, self.codebook, self.bias, self.bits, self.in_features, cache)
 
     def extra_repr(self) -> str:
         return (

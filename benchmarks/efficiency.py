@@ -1,0 +1,479 @@
+"""Efficiency on CPU: decode latency, TTFT, training step time and memory; sketching speed (issue #4).
+
+What runs, all in this one invocation so the variants share the machine's conditions:
+
+* **layers** — one token through a single layer at SmolLM2/Llama shapes: ``nn.Linear`` vs ``SketchedLinear``
+  under the CPU strategies considered for decoding (the dense-Ŵ cache that ships, the reference unpack on
+  every call, cached codes + gather, ``torch.compile`` of dequantize + GEMV);
+* **model** — a randomly initialised ``LlamaForCausalLM`` (default 4 decoder layers, hidden 1024, MLP 2816,
+  16 heads, vocab 4096 so the LM head does not drown the decoder layers), fp32, as (a) dense, (b) LoRA r=16
+  on all seven projections, unmerged (peft), (d) SketchTune INT4 GPR 1 and GPR 4 with random codes and
+  codebooks (``SketchedLinear.from_codes``; speed does not depend on the values). Timings are medians over
+  rounds that interleave the variants, single-threaded by default (``--threads``). Peak training memory is
+  the polled peak RSS, above the post-import baseline, of a fresh child process that builds one variant and
+  runs two AdamW steps (so variants do not pollute each other's peak). GPR 1 training is also measured
+  through ``sketchtune::linear`` (its PyTorch bodies on CPU: Ŵ recomputed in backward, not saved) for
+  comparison with the reference autograd that CPU uses. QLoRA is not measured: bitsandbytes' 4-bit path
+  needs CUDA;
+* **sketch speed** — ``sketch_weight`` (INT4; GPR 1/4; refit on/off) on 4096×4096 and 11008×4096 random
+  weights with a random SPD Hessian, timed on two row subsets and extrapolated linearly in rows (every
+  stage of Algorithm 1 and of the refit is linear in rows at fixed columns; the Cholesky is the intercept),
+  then to a 7B model: 32 layers × (4 × 4096² + 3 × 11008×4096), with one full 4096² run as a check.
+  Calibration forward passes are not included, and Llama's down_proj (in = 11008) is costed as 11008×4096.
+
+    python benchmarks/efficiency.py                      # ~8 min on a shared 2-core machine
+    python benchmarks/efficiency.py --skip-sketch-speed --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sketchtune.kernels import BACKEND_ENV
+from sketchtune.packing import unpack_codes
+from sketchtune.sketched_linear import SketchedLinear, dequantize
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = ["dense", "lora", "sketchtune-int4-gpr1", "sketchtune-int4-gpr4"]
+OP_PATH_VARIANT, OP_PATH = "sketchtune-int4-gpr1", "sketchtune-int4-gpr1 via sketchtune::linear"
+LAYER_SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]  # (in, out)
+MiB = 2**20
+
+
+# --- timing helpers ---------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def per_call_ms(fn: Callable[[], object], calls: int) -> float:
+    """Median ms of ``calls`` back-to-back calls."""
+    return statistics.median(timed(fn) for _ in range(calls)) * 1e3
+
+
+def interleave(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Median of each measurement over rounds that run every variant once, so drifting load hits all alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(fn())
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+@contextlib.contextmanager
+def env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+# --- single-layer decode: the CPU strategy choice ---------------------------------------------------------
+
+
+def random_sketched(lin: nn.Linear, bits: int, gpr: int, gen: torch.Generator) -> SketchedLinear:
+    """A SketchedLinear of ``lin``'s shape with random codes and sorted codebooks at the weight's scale."""
+    out, inp = lin.weight.shape
+    std = lin.weight.detach().std()
+    codebook = torch.randn(out, gpr, 2**bits, generator=gen).sort(dim=-1).values * std
+    codes = torch.randint(0, 2**bits, (out, inp), generator=gen)
+    return SketchedLinear.from_codes(codebook, codes, bits, bias=None if lin.bias is None else lin.bias.detach())
+
+
+def bench_layers(args) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for inp, out in LAYER_SHAPES:
+        for gpr in (1, 4):
+            dense = nn.Linear(inp, out, bias=False)
+            sk = random_sketched(dense, 4, gpr, gen).eval()
+            x = torch.randn(1, 1, inp)
+            index = unpack_codes(sk.weight, 4, inp) + (torch.arange(inp) // (inp // gpr)) * 16
+            flat_cb = sk.codebook.detach().reshape(out, -1)
+
+            def reference():
+                with env(BACKEND_ENV, "reference"):
+                    return sk(x)
+
+            strategies: dict[str, Callable[[], object]] = {
+                "dense nn.Linear": lambda: dense(x),
+                "cached dense W (shipped)": lambda: sk(x),
+                "reference (unpack every call)": reference,
+            }
+            extra = {}
+            if not args.skip_strategies:
+                strategies["cached codes + gather"] = lambda: F.linear(x, flat_cb.gather(1, index))
+                compiled = torch.compile(lambda v: F.linear(v, dequantize(sk.weight, sk.codebook, 4, inp)))
+                with torch.no_grad():
+                    extra["compile_s"] = round(timed(lambda: compiled(x)), 2)
+                strategies["torch.compile(dequantize + GEMV)"] = lambda: compiled(x)
+            with torch.no_grad():
+                for fn in strategies.values():  # warm up (and build the cache)
+                    fn()
+                ms = interleave({k: (lambda f=f: per_call_ms(f, args.layer_calls)) for k, f in strategies.items()},
+                                args.rounds)
+            row = {"in": inp, "out": out, "gpr": gpr, "ms_per_token": {k: round(v, 4) for k, v in ms.items()},
+                   "sketched_vs_dense": round(ms["cached dense W (shipped)"] / ms["dense nn.Linear"], 3), **extra}
+            rows.append(row)
+            print(f"  layer {inp}->{out} gpr{gpr}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
+    return rows
+
+
+# --- model variants ---------------------------------------------------------------------------------------
+
+
+def llama_config(args):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.mlp, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, num_hidden_layers=args.layers, vocab_size=args.vocab,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+
+
+def build(variant: str, args) -> nn.Module:
+    """One variant with its trainable parameters set as fine-tuning would: all / LoRA / codebooks."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(args)).float()
+    if variant == "dense":
+        return model
+    if variant == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                         target_modules=PROJECTIONS)
+        return get_peft_model(model, cfg)
+    gpr = int(variant.rsplit("gpr", 1)[1])
+    gen = torch.Generator().manual_seed(1)
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child, random_sketched(lin, 4, gpr, gen))
+    for m in model.modules():
+        if isinstance(m, SketchedLinear):
+            m.codebook.requires_grad_(True)
+    return model
+
+
+def count(model: nn.Module) -> dict:
+    params = list(model.parameters())
+    cache = sum(m._dense_cache.weight.numel() * m._dense_cache.weight.element_size()
+                for m in model.modules() if isinstance(m, SketchedLinear) and m._dense_cache.weight is not None)
+    return {
+        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "decode_cache_bytes": cache,
+    }
+
+
+def decode_step_s(model: nn.Module, batch: int, args) -> float:
+    """Seconds per decode step (one new token for each of ``batch`` sequences) after a short prefill."""
+    ids = torch.randint(0, args.vocab, (batch, args.decode_prompt))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(args.decode_steps):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / args.decode_steps
+
+
+def ttft_s(model: nn.Module, prompt: int, args) -> float:
+    ids = torch.randint(0, args.vocab, (1, prompt))
+    with torch.no_grad():
+        return timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
+
+
+def make_train_step(model: nn.Module, args) -> Callable[[], float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    ids = torch.randint(0, args.vocab, (1, args.train_seq), generator=torch.Generator().manual_seed(0))
+
+    def step() -> float:
+        model.train()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    return step
+
+
+class PeakRSS:
+    """Polls this process's resident memory from a thread; ``peak`` is the largest value seen (bytes).
+
+    Polling, not ``ru_maxrss``: the latter would report the import-time peak of transformers for small models.
+    """
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def memory_probe(variant: str, args) -> dict:
+    """In a fresh process: RSS of the built model, and the peak RSS over two training steps, above imports."""
+    import peft  # noqa: F401  (imported before the baseline so every variant pays the same)
+    import transformers  # noqa: F401
+
+    base = psutil.Process().memory_info().rss
+    model = build(variant, args)  # sketched variants are converted from a dense model: freed again here
+    built = psutil.Process().memory_info().rss
+    step = make_train_step(model, args)
+    with PeakRSS() as peak:
+        step(), step()
+    return {"rss_model_mb": (built - base) / MiB, "train_peak_above_imports_mb": (peak.peak - base) / MiB}
+
+
+def probe_in_child(variant: str, args, extra_env: dict[str, str] | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--_probe", variant, "--layers", str(args.layers), "--hidden", str(args.hidden),
+           "--mlp", str(args.mlp), "--heads", str(args.heads), "--vocab", str(args.vocab),
+           "--train-seq", str(args.train_seq), "--lora-rank", str(args.lora_rank), "--threads", str(args.threads)]
+    # A fixed mmap threshold: glibc's adaptive one would keep freed tensors (the dense weights a sketched
+    # variant is converted from) resident, and RSS would count them.
+    child_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", **(extra_env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=child_env)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_model(args) -> dict:
+    models = {v: build(v, args) for v in VARIANTS}
+    for m in models.values():
+        m.eval()
+    results: dict[str, dict] = {v: count(m) for v, m in models.items()}
+    for batch in (1, 8):
+        print(f"  decode batch {batch} ...", flush=True)
+        r = interleave({v: (lambda m=m: decode_step_s(m, batch, args)) for v, m in models.items()}, args.rounds)
+        for v in VARIANTS:
+            results[v][f"decode_b{batch}_ms_per_step"] = r[v] * 1e3
+            results[v][f"decode_b{batch}_tokens_per_s"] = batch / r[v]
+    for v, m in models.items():  # the caches built while decoding
+        results[v]["decode_cache_bytes"] = count(m)["decode_cache_bytes"]
+    sk = models["sketchtune-int4-gpr1"]
+    with env(BACKEND_ENV, "reference"):  # what decoding cost before the cache (few steps: it is slow)
+        quick = argparse.Namespace(**{**vars(args), "decode_steps": 2})
+        for batch in (1, 8):
+            results["sketchtune-int4-gpr1"][f"decode_b{batch}_ms_per_step_uncached"] = \
+                decode_step_s(sk, batch, quick) * 1e3
+    for prompt in args.prompts:
+        print(f"  TTFT prompt {prompt} ...", flush=True)
+        r = interleave({v: (lambda m=m: ttft_s(m, prompt, args)) for v, m in models.items()}, args.rounds)
+        for v in VARIANTS:
+            results[v][f"ttft_{prompt}_ms"] = r[v] * 1e3
+    print("  training steps ...", flush=True)
+    steps = {v: make_train_step(m, args) for v, m in models.items()}
+    # Not the CPU default, measured for comparison: sketchtune::linear's PyTorch bodies, which recompute Ŵ in
+    # backward instead of saving it and the int64 gather indices as the reference autograd does.
+    op_step = make_train_step(models[OP_PATH_VARIANT], args)
+
+    def op_path_step() -> float:
+        with env(BACKEND_ENV, "triton"):
+            return op_step()
+
+    steps[OP_PATH] = op_path_step
+    for s in steps.values():
+        s()  # warm-up: optimizer state allocation, first-call overheads
+    r = interleave(steps, args.rounds)
+    for v in VARIANTS:
+        results[v]["train_step_s"] = r[v]
+    results[OP_PATH_VARIANT]["train_step_s_op_path"] = r[OP_PATH]
+    del models, steps, op_step
+    print("  peak training memory (one child process per variant) ...", flush=True)
+    for v in VARIANTS:
+        results[v].update(probe_in_child(v, args))
+    op = probe_in_child(OP_PATH_VARIANT, args, {BACKEND_ENV: "triton"})
+    results[OP_PATH_VARIANT]["train_peak_above_imports_mb_op_path"] = op["train_peak_above_imports_mb"]
+    return results
+
+
+RATIO_KEYS = ["decode_b1_ms_per_step", "decode_b8_ms_per_step", "train_step_s", "train_peak_above_imports_mb"]
+
+
+def ratios(results: dict, prompts: list[int]) -> dict:
+    keys = RATIO_KEYS + [f"ttft_{p}_ms" for p in prompts]
+    return {v: {f"{k}_vs_{base}": results[v][k] / results[base][k] for base in ("dense", "lora") for k in keys}
+            for v in results}
+
+
+# --- sketching speed --------------------------------------------------------------------------------------
+
+
+def random_spd(cols: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(cols, rank, generator=gen)
+    return a @ a.t() / rank + 0.01 * torch.eye(cols)
+
+
+def min_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` runs: other jobs on the machine only ever add time."""
+    return min(timed(fn) for _ in range(repeats))
+
+
+def bench_sketch(args) -> dict:
+    from sketchtune.sketch.algorithm import sketch_weight
+
+    gen = torch.Generator().manual_seed(0)
+    hessian = random_spd(4096, 512, gen)
+    out: dict = {"rows_timed": args.sketch_rows, "configs": []}
+    per_shape: dict[tuple, float] = {}
+    for rows_full, cols in [(4096, 4096), (11008, 4096)]:
+        weight = torch.randn(max(args.sketch_rows), cols, generator=gen) * 0.02
+        for gpr in (1, 4):
+            for refit in (False, True):
+                t = {r: min_time(lambda r=r: sketch_weight(weight[:r], hessian, 4, gpr, refit=refit),
+                                 args.sketch_repeats) for r in args.sketch_rows}
+                (r0, t0), (r1, t1) = sorted(t.items())[0], sorted(t.items())[-1]
+                slope = (t1 - t0) / (r1 - r0)
+                full = t0 + slope * (rows_full - r0)
+                per_shape[(rows_full, cols, gpr, refit)] = full
+                out["configs"].append({"shape": [rows_full, cols], "bits": 4, "gpr": gpr, "refit": refit,
+                                       "timed_s": {str(r): round(s, 2) for r, s in t.items()},
+                                       "extrapolated_full_s": round(full, 1)})
+                print(f"  sketch {rows_full}x{cols} gpr{gpr} refit={refit}: "
+                      f"{', '.join(f'{r} rows {s:.1f}s' for r, s in t.items())} -> {full:.0f}s full", flush=True)
+    if not args.skip_sketch_validation:  # one full-size run against its extrapolation
+        weight = torch.randn(4096, 4096, generator=gen) * 0.02
+        full = timed(lambda: sketch_weight(weight, hessian, 4, 1, refit=False))
+        out["validation_4096x4096_gpr1_refit_off"] = {
+            "measured_s": round(full, 1), "extrapolated_s": round(per_shape[(4096, 4096, 1, False)], 1)}
+        print(f"  validation 4096x4096 gpr1 refit=False: measured {full:.0f}s, "
+              f"extrapolated {per_shape[(4096, 4096, 1, False)]:.0f}s", flush=True)
+    out["model_7b_hours"] = {
+        f"gpr{gpr}_refit_{'on' if refit else 'off'}":
+            round(32 * (4 * per_shape[(4096, 4096, gpr, refit)] + 3 * per_shape[(11008, 4096, gpr, refit)]) / 3600, 2)
+        for gpr in (1, 4) for refit in (False, True)
+    }
+    return out
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+
+def print_table(results: dict, rat: dict, prompts: list[int]) -> None:
+    cols = [("decode b1 ms/tok", "decode_b1_ms_per_step", 1), ("decode b8 ms/step", "decode_b8_ms_per_step", 1)]
+    cols += [(f"TTFT {p} ms", f"ttft_{p}_ms", 0) for p in prompts]
+    cols += [("train step s", "train_step_s", 2), ("train peak MiB", "train_peak_above_imports_mb", 0)]
+    head = f"{'variant':<24}" + "".join(f"{c[0]:>19}" for c in cols)
+    print(head)
+    for v, r in results.items():
+        print(f"{v:<24}" + "".join(f"{r[k]:>19.{d}f}" for _, k, d in cols))
+    print(f"{'qlora':<24}{'not measured on CPU (bitsandbytes 4-bit needs CUDA)':>40}")
+    r = results[OP_PATH_VARIANT]
+    print(f"{OP_PATH_VARIANT} training through sketchtune::linear (recompute; not the CPU default): "
+          f"{r['train_step_s_op_path']:.2f} s/step, peak {r['train_peak_above_imports_mb_op_path']:.0f} MiB")
+    for base in ("dense", "lora"):
+        print(f"\nratio vs {base}")
+        for v in results:
+            print(f"{v:<24}" + "".join(f"{rat[v][f'{k}_vs_{base}']:>19.2f}" for _, k, _ in cols))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "efficiency_cpu.json")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--mlp", type=int, default=2816)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--prompts", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--decode-prompt", type=int, default=64)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--train-seq", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--layer-calls", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default). 1 by default: on a shared CPU, OpenMP barriers make "
+                        "multi-threaded timings erratic (cholesky_inverse 4096²: 1.2 s at 1 thread, 25 s at 2)")
+    p.add_argument("--sketch-rows", type=int, nargs=2, default=[128, 512], help="row counts timed, then extrapolated")
+    p.add_argument("--sketch-repeats", type=int, default=1, help="time each point this often, keep the fastest")
+    p.add_argument("--skip-sketch-speed", action="store_true")
+    p.add_argument("--skip-sketch-validation", action="store_true", help="skip the full 4096x4096 check (~40 s)")
+    p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--skip-strategies", action="store_true", help="layer section: only dense/cached/reference")
+    p.add_argument("--_probe", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._probe:
+        print(json.dumps(memory_probe(args._probe, args)))
+        return
+
+    report: dict = {"meta": {
+        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+        "model": {k: getattr(args, k) for k in ("layers", "hidden", "mlp", "heads", "vocab")} | {"dtype": "float32"},
+        "lora_rank": args.lora_rank, "rounds": args.rounds, "decode_prompt": args.decode_prompt,
+        "decode_steps": args.decode_steps, "train_seq": args.train_seq, "optimizer": "AdamW",
+        "note": "medians over interleaved rounds; other jobs may share the CPU (see loadavg)",
+    }}
+    t_start = time.time()
+    if not args.skip_layers:
+        print("single layers, 1 token (ms):", flush=True)
+        report["layers_decode_1_token"] = bench_layers(args)
+    print(f"model: {args.layers} Llama decoder layers, hidden {args.hidden}, MLP {args.mlp}, {args.heads} heads",
+          flush=True)
+    results = bench_model(args)
+    report["model"] = results
+    report["ratios"] = ratios(results, args.prompts)
+    report["qlora"] = "not measured: bitsandbytes' 4-bit (QLoRA) path needs CUDA; this run is CPU-only"
+    if not args.skip_sketch_speed:
+        print("sketching speed:", flush=True)
+        report["sketch_speed"] = bench_sketch(args)
+    report["meta"]["loadavg_end"] = os.getloadavg()
+    report["meta"]["wall_s"] = round(time.time() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print()
+    print_table(results, report["ratios"], args.prompts)
+    if "sketch_speed" in report:
+        print("\n7B sketching (extrapolated, hours):", report["sketch_speed"]["model_7b_hours"])
+    print(f"\nwrote {args.out} ({report['meta']['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

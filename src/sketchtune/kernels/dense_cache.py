@@ -1,0 +1,84 @@
+"""CPU inference: keep the dequantized Ŵ of a layer between calls instead of rebuilding it every token.
+
+Why a cache and not a smarter CPU kernel: on CPU the cost of the reference path is unpacking and gathering
+out×in codes on every call, which a GEMV of the same size hides nowhere. ``benchmarks/efficiency.py``,
+one token, INT4 GPR 1, fp32, one thread on a 2-core machine shared with other jobs (median ms per call):
+
+==============  =======  ==================  ===============  ================  ===================
+(in → out)      dense    reference (unpack   cached codes +   torch.compile     **cached Ŵ**
+                         every call)         gather           (dequant + GEMV)  (shipped)
+==============  =======  ==================  ===============  ================  ===================
+576 → 1536      0.101    8.39                0.70             1.18              **0.098**
+1536 → 576      0.090    4.56                0.69             1.17              **0.087**
+2048 → 2048     0.68     38.8                4.89             6.12              **0.80**
+==============  =======  ==================  ===============  ================  ===================
+
+The cached Ŵ *is* the dense GEMV plus ~5 µs of checks per call (the 2048² gap is this machine's noise: at
+GPR 4 it was 0.78 vs 0.76, and a longer interleaved re-run gave 0.84 vs 0.80); everything else stays 7–85×
+slower, and compiling costs 0.1–2 s per shape on top. On a 4-layer hidden-1024 Llama, decoding one token
+takes 19.6 ms sketched vs 20.2 ms dense (``benchmarks/results/efficiency_cpu.json``). The price is memory:
+an eval-mode layer holds a dense Ŵ in the input's dtype next to its codes (206 MB on top of 62 MB of
+codes and codebooks in that model). ``SKETCHTUNE_KERNELS=reference`` turns the cache off.
+
+Correctness rules, enforced by :func:`sketchtune.kernels.sketched_linear` and here:
+
+* never while the codebook needs a gradient (grad mode and ``requires_grad``) — training always goes
+  through the gather, whose autograd is the exact codebook gradient — and such a forward *drops* the cache
+  (``SketchedLinear`` in ``train()`` mode drops it too). Every optimizer step follows such a forward, so
+  even a *fused* AdamW step, which leaves ``_version`` unchanged (measured with torch 2.13), can never be
+  served a stale Ŵ;
+* rebuilt when the codes or the codebook move to other storage (``.data =``, ``.to()``, ``.float()``; the
+  cache pins the storages it was built from, so a new tensor cannot reuse their address) or their
+  ``_version`` moves (``load_state_dict``, ``copy_``, foreach/for-loop optimizer steps, any in-place
+  op), or another dtype is asked for;
+* not checked: contents. ``torch.equal`` on the codebook would catch edits through ``.data`` too, but it
+  costs 60–240 µs per call here (single-threaded, 24K–131K values) — as much as the GEMV it serves. After
+  editing codes or codebooks through ``.data``, call :meth:`DenseWeightCache.clear`;
+* not used for inference tensors (no version counter) or while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import sketched_linear as _reference  # module object: sketched_linear.py imports this package
+
+
+class DenseWeightCache:
+    """The dense Ŵ of one layer, valid for one (codes, codebook, dtype) state."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+        self._pinned: tuple[torch.Tensor, ...] = ()
+
+    def get(
+        self, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Ŵ (out, in) in ``dtype``, rebuilt only if the codes, the codebook or the dtype changed.
+
+        ``None`` for inference tensors: they have no version counter, so nothing could tell us they changed.
+        """
+        try:
+            key = (packed.data_ptr(), packed._version, codebook.data_ptr(), codebook._version, dtype)
+        except RuntimeError:
+            return None
+        if self._key != key:
+            # A normal (not inference) tensor, so the cache stays usable when inference mode is left.
+            with torch.inference_mode(False), torch.no_grad():
+                self._weight = _reference.dequantize(packed, codebook, bits, in_features).to(dtype)
+                # Holding the source storages keeps their addresses from being reused by a replacement
+                # tensor (say after .half().float()), which could otherwise arrive with the same _version.
+                self._pinned = (packed.detach(), codebook.detach())
+            self._key = key
+        return self._weight
+
+    def clear(self) -> None:
+        """Drop the cached Ŵ (training does, so its memory is not held for nothing)."""
+        self._key = self._weight = None
+        self._pinned = ()
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The cached Ŵ, if any."""
+        return self._weight

@@ -1,0 +1,204 @@
+"""The ``sketchtune::*`` custom operators: the Triton kernels as ops that autograd and torch.compile can see.
+
+=================================  ==========================================================================
+``sketchtune::linear``             y = x Ŵᵀ + b, with autograd (∂x, ∂codebook, ∂bias; none for the codes);
+                                   ≤ ``GEMV_MAX_TOKENS`` tokens → ``lut_gemv``, more → ``dequantize`` + matmul
+``sketchtune::dequantize``         Ŵ (out, in) in a given dtype
+``sketchtune::lut_gemv``           x (M, in) → (M, out) straight from the packed codes, fp32 accumulation
+``sketchtune::codebook_grad``      fp32 (out, gpr, 2^bits) bins of dYᵀX, fused (no ∂L/∂Ŵ in memory)
+``sketchtune::bin_reduce``         fp32 bins of a dense ∂L/∂Ŵ — the two-step fallback of ``codebook_grad``
+=================================  ==========================================================================
+
+They are ``torch.library.custom_op`` s with ``register_fake`` rather than ``triton_op`` s: opaque to the
+compiler (the kernels are already fused, there is nothing left for Inductor to fuse into them), and each op
+is usable on every device — Triton on CUDA (or on CPU under ``TRITON_INTERPRET=1``), otherwise a pure
+PyTorch body computing the same thing, so a CPU ``opcheck`` or an export never hits a missing kernel.
+
+The backward of ``linear`` recomputes Ŵ for ∂x instead of saving it: one dequantize per layer is cheap next
+to the matmul, and saving Ŵ would cost a dense weight of activation memory per layer. ∂codebook uses the
+fused kernel unless ``SKETCHTUNE_CODEBOOK_GRAD=unfused`` selects 2-D ``torch.mm`` + ``bin_reduce`` (kept as
+the fallback; which is faster per shape is still to be measured on a GPU). Bins are added with fp32
+atomics, so ∂codebook is not bitwise deterministic on GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from .. import sketched_linear as _reference  # module object: sketched_linear.py imports this package
+from ..packing import unpack_codes
+
+GEMV_MAX_TOKENS = 8
+"""Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
+
+CODEBOOK_GRAD_ENV = "SKETCHTUNE_CODEBOOK_GRAD"
+
+
+@cache
+def triton_available() -> bool:
+    """Whether triton is installed and imports (it is an optional dependency: ``pip install sketchtune[kernels]``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        _kernels()
+    except Exception:  # a broken or mismatched install must not take the reference path down with it
+        return False
+    return True
+
+
+def _kernels() -> ModuleType:
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run on ``t``'s device: CUDA, or anything under the Triton interpreter."""
+    if not triton_available():
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and _kernels().INTERPRETED)
+
+
+# --- dequantize -------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sketchtune::dequantize", mutates_args=())
+def dequantize(
+    packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
+    if triton_runs_on(packed):
+        return _kernels().dequantize(packed, codebook, bits, in_features, dtype)
+    return _reference.dequantize(packed, codebook, bits, in_features).to(dtype)
+
+
+@dequantize.register_fake
+def _(packed, codebook, bits, in_features, dtype):
+    return packed.new_empty(packed.shape[0], in_features, dtype=dtype)
+
+
+# --- LUT GEMV ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sketchtune::lut_gemv", mutates_args=())
+def lut_gemv(
+    x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int
+) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return x.new_empty(0, packed.shape[0])
+    if triton_runs_on(x):
+        return _kernels().lut_gemv(x, packed, codebook, bits, in_features)
+    w = _reference.dequantize(packed, codebook, bits, in_features)
+    return (x.float() @ w.float().t()).to(x.dtype)
+
+
+@lut_gemv.register_fake
+def _(x, packed, codebook, bits, in_features):
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+# --- codebook gradient ------------------------------------------------------------------------------------
+
+
+def _bins_torch(grad_weight: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int) -> torch.Tensor:
+    """Reference bin reduction: scatter-add of ∂L/∂Ŵ into (row, group·2^bits + code), in fp32."""
+    out, in_features = grad_weight.shape
+    k = 1 << bits
+    codes = unpack_codes(packed, bits, in_features)
+    index = codes + (torch.arange(in_features, device=codes.device) // (in_features // gpr)) * k
+    bins = torch.zeros(out, gpr * k, dtype=torch.float32, device=grad_weight.device)
+    return bins.scatter_add_(1, index, grad_weight.float()).view(out, gpr, k)
+
+
+@torch.library.custom_op("sketchtune::codebook_grad", mutates_args=())
+def codebook_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int
+) -> torch.Tensor:
+    if triton_runs_on(x):
+        return _kernels().codebook_grad(grad_out, x, packed, bits, gpr)
+    return _bins_torch(grad_out.float().t() @ x.float(), packed, bits, gpr)
+
+
+@codebook_grad.register_fake
+def _(grad_out, x, packed, bits, gpr):
+    return x.new_empty(packed.shape[0], gpr, 1 << bits, dtype=torch.float32)
+
+
+@torch.library.custom_op("sketchtune::bin_reduce", mutates_args=())
+def bin_reduce(grad_weight: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int) -> torch.Tensor:
+    if triton_runs_on(grad_weight):
+        return _kernels().bin_reduce(grad_weight, packed, bits, gpr)
+    return _bins_torch(grad_weight, packed, bits, gpr)
+
+
+@bin_reduce.register_fake
+def _(grad_weight, packed, bits, gpr):
+    return grad_weight.new_empty(packed.shape[0], gpr, 1 << bits, dtype=torch.float32)
+
+
+def _codebook_grad(grad_out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bits: int,
+                   gpr: int) -> torch.Tensor:
+    """fp32 ∂L/∂codebook via the fused kernel, or the 2-D product + bin reduction if the env var asks."""
+    mode = os.environ.get(CODEBOOK_GRAD_ENV, "fused").lower()
+    if mode == "fused":
+        return codebook_grad(grad_out, x, packed, bits, gpr)
+    if mode == "unfused":
+        return bin_reduce(grad_out.t() @ x, packed, bits, gpr)  # one 2-D (out, in) product, never batched
+    raise ValueError(f"{CODEBOOK_GRAD_ENV} must be 'fused' or 'unfused', got {mode!r}")
+
+
+# --- the layer --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sketchtune::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    codebook: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    in_features: int,
+) -> torch.Tensor:
+    x2d = x.reshape(-1, in_features)
+    if x2d.shape[0] <= GEMV_MAX_TOKENS:
+        y = lut_gemv(x2d, packed, codebook, bits, in_features)
+    else:
+        y = x2d @ dequantize(packed, codebook, bits, in_features, x.dtype).t()
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+@linear.register_fake
+def _(x, packed, codebook, bias, bits, in_features):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, packed, codebook, bias, bits, in_features = inputs
+    ctx.bits, ctx.in_features, ctx.bias_dtype = bits, in_features, None if bias is None else bias.dtype
+    ctx.save_for_backward(x, packed, codebook)
+
+
+def _backward(ctx, grad_out: torch.Tensor):
+    x, packed, codebook = ctx.saved_tensors
+    bits, in_features = ctx.bits, ctx.in_features
+    out, gpr, _ = codebook.shape
+    dy = grad_out.reshape(-1, out)
+    grad_x = grad_codebook = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = dequantize(packed, codebook, bits, in_features, dy.dtype)
+        grad_x = (dy @ w).reshape(x.shape).to(x.dtype)
+    if ctx.needs_input_grad[2]:
+        x2d = x.reshape(-1, in_features)
+        grad_codebook = _codebook_grad(dy.to(x2d.dtype), x2d, packed, bits, gpr).to(codebook.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = dy.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, None, grad_codebook, grad_bias, None, None
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
