@@ -13,8 +13,8 @@ What runs, all in this one invocation so the variants share the machine's condit
   the polled peak RSS, above the post-import baseline, of a fresh child process that builds one variant and
   runs two AdamW steps (so variants do not pollute each other's peak). GPR 1 training is also measured
   through ``sketchtune::linear`` (its PyTorch bodies on CPU: Ŵ recomputed in backward, not saved) for
-  comparison with the reference autograd that CPU uses. QLoRA is not measured: bitsandbytes' 4-bit path
-  needs CUDA;
+  comparison with the reference autograd that CPU uses. (c) QLoRA is LoRA r=16 (peft) over bitsandbytes NF4
+  ``Linear4bit`` projections, which bitsandbytes ≥ 0.45 runs on CPU;
 * **sketch speed** — ``sketch_weight`` (INT4; GPR 1/4; refit on/off) on 4096×4096 and 11008×4096 random
   weights with a random SPD Hessian, timed on two row subsets and extrapolated linearly in rows (every
   stage of Algorithm 1 and of the refit is linear in rows at fixed columns; the Cholesky is the intercept),
@@ -51,7 +51,7 @@ from sketchtune.packing import unpack_codes
 from sketchtune.sketched_linear import SketchedLinear, dequantize
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["dense", "lora", "sketchtune-int4-gpr1", "sketchtune-int4-gpr4"]
+VARIANTS = ["dense", "lora", "qlora", "sketchtune-int4-gpr1", "sketchtune-int4-gpr4"]
 OP_PATH_VARIANT, OP_PATH = "sketchtune-int4-gpr1", "sketchtune-int4-gpr1 via sketchtune::linear"
 LAYER_SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]  # (in, out)
 MiB = 2**20
@@ -157,6 +157,22 @@ def llama_config(args):
     )
 
 
+def to_nf4(model: nn.Module) -> None:
+    """QLoRA's base: every decoder projection as a bitsandbytes NF4 ``Linear4bit`` (double-quantised scales,
+    fp32 compute). bitsandbytes ≥ 0.45 quantises and runs these on CPU."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, nn.Linear):
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child, q.to("cpu"))  # .to() quantises
+
+
 def build(variant: str, args) -> nn.Module:
     """One variant with its trainable parameters set as fine-tuning would: all / LoRA / codebooks."""
     from transformers import LlamaForCausalLM
@@ -165,9 +181,11 @@ def build(variant: str, args) -> nn.Module:
     model = LlamaForCausalLM(llama_config(args)).float()
     if variant == "dense":
         return model
-    if variant == "lora":
+    if variant in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
+        if variant == "qlora":
+            to_nf4(model)
         cfg = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
                          target_modules=PROJECTIONS)
         return get_peft_model(model, cfg)
@@ -401,7 +419,6 @@ def print_table(results: dict, rat: dict, prompts: list[int]) -> None:
     print(head)
     for v, r in results.items():
         print(f"{v:<24}" + "".join(f"{r[k]:>19.{d}f}" for _, k, d in cols))
-    print(f"{'qlora':<24}{'not measured on CPU (bitsandbytes 4-bit needs CUDA)':>40}")
     r = results[OP_PATH_VARIANT]
     print(f"{OP_PATH_VARIANT} training through sketchtune::linear (recompute; not the CPU default): "
           f"{r['train_step_s_op_path']:.2f} s/step, peak {r['train_peak_above_imports_mb_op_path']:.0f} MiB")
@@ -460,7 +477,6 @@ def main(argv: list[str] | None = None) -> None:
     results = bench_model(args)
     report["model"] = results
     report["ratios"] = ratios(results, args.prompts)
-    report["qlora"] = "not measured: bitsandbytes' 4-bit (QLoRA) path needs CUDA; this run is CPU-only"
     if not args.skip_sketch_speed:
         print("sketching speed:", flush=True)
         report["sketch_speed"] = bench_sketch(args)
