@@ -75,7 +75,7 @@ def sketch_base(base, tok, gpr: int, args) -> Path:
     return out
 
 
-def build_method(name: str, base, tok, args, budget: dict):
+def build_method(name: str, base, tok, args):
     """(model, trainable params, base bytes) for one method, ready for the Trainer."""
     kind = name.split("-")[0]
     if kind == "sketchtune":
@@ -110,11 +110,11 @@ def build_method(name: str, base, tok, args, budget: dict):
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad), size
 
 
-def run_method(name: str, base, tok, train_ds, eval_ds, task: dict, args, budget: dict) -> dict:
+def run_method(name: str, base, tok, train_ds, eval_ds, task: dict, args) -> dict:
     torch.manual_seed(args.seed)
     kind = name.split("-")[0]
     with PeakRSS() as mem:
-        model, trainable, base_bytes = build_method(name, base, tok, args, budget)
+        model, trainable, base_bytes = build_method(name, base, tok, args)
         training = dict(max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                         gradient_accumulation_steps=args.grad_accum, learning_rate=LEARNING_RATES[kind],
                         warmup_steps=max(1, args.max_steps // 10), lr_scheduler_type="linear", logging_steps=5,
@@ -152,8 +152,9 @@ def main() -> None:
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--model", default=None, help=f"default: DATA_DIR/{GGUF}")
     p.add_argument("--task", choices=list(TASKS), default="math")
-    p.add_argument("--methods", default="sketchtune-gpr4,lora,dora,qlora,full",
-                   help="comma list; lora/dora/qlora get the rank matching SketchTune GPR 4 unless -rN is given")
+    p.add_argument("--methods", default="sketchtune-gpr4,lora,dora,qlora,full,sketchtune-gpr1,lora-gpr1",
+                   help="comma list; lora/dora/qlora get the rank matching SketchTune GPR 4 (-gpr1/-gpr2: that "
+                        "GPR's budget) unless -rN is given")
     p.add_argument("--train-examples", type=int, default=512)
     p.add_argument("--eval-examples", type=int, default=64, help="held-out examples for eval loss")
     p.add_argument("--eval-limit", type=int, default=25, help="test records per task for accuracy")
@@ -180,28 +181,40 @@ def main() -> None:
     full = build_dataset(",".join(str(data / f) for f in task["train"]), tok, args.cutoff_len).shuffle(seed=args.seed)
     eval_ds = full.select(range(args.eval_examples))
     train_ds = full.select(range(args.eval_examples, args.eval_examples + args.train_examples))
-    gpr4_params = sum(m.out_features * 4 * 16 for n, m in base.named_modules()
-                      if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS)
-    rank = lora_rank_for(gpr4_params, base)
-    methods = [m if m.startswith(("sketchtune", "full")) or "-r" in m else f"{m}-r{rank}" for m in args.methods.split(",")]
+    rows_total = sum(m.out_features for n, m in base.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS)
+    ranks = {g: lora_rank_for(rows_total * g * 16, base) for g in (1, 2, 4)}  # INT4: 16 codebook entries per group
+    rank = ranks[4]
+
+    def resolve(m: str) -> str:
+        if m.startswith(("sketchtune", "full")) or "-r" in m:
+            return m
+        kind, _, gpr = m.partition("-gpr")
+        return f"{kind}-r{ranks[int(gpr or 4)]}"
+
+    methods = [resolve(m) for m in args.methods.split(",")]
     out = args.out or f"benchmarks/results/finetune_{args.task}.json"
     rows = []
     header = f"{'method':<18}{'trainable':>12}{'base MiB':>10}{'eval loss':>11}{'avg acc':>9}{'s/step':>8}{'peak MiB':>10}"
     print(header)
     for name in methods:
-        row = run_method(name, base, tok, train_ds, eval_ds, task, args, {"params": gpr4_params})
+        row = run_method(name, base, tok, train_ds, eval_ds, task, args)
         rows.append(row)
         print(f"{name:<18}{row['trainable_params']:>12,}{row['base_model_bytes'] / 2**20:>10.1f}{row['eval_loss']:>11.4f}"
               f"{row['avg_accuracy']:>9.3f}{row['seconds_per_step']:>8.2f}{row['peak_rss_bytes'] / 2**20:>10.0f}", flush=True)
-        write_json(out, {"meta": {**machine_meta(), **{k: v for k, v in vars(args).items()}, "lora_rank": rank,
-                                  "learning_rates": LEARNING_RATES}, "rows": rows})
-    lora = next((r for r in rows if r["method"].startswith("lora")), None)
-    if lora:
-        print("\nratios vs LoRA (same rank budget):")
-        for r in rows:
-            print(f"  {r['method']:<18} base bytes x{r['base_model_bytes'] / lora['base_model_bytes']:.2f}  "
-                  f"eval loss {r['eval_loss'] - lora['eval_loss']:+.4f}  s/step x{r['seconds_per_step'] / lora['seconds_per_step']:.2f}")
-
+        meta = {**machine_meta(), **vars(args), "lora_rank": rank, "lora_ranks_by_gpr": ranks,
+                "learning_rates": LEARNING_RATES}
+        write_json(out, {"meta": meta, "rows": rows})
+    by_name = {r["method"]: r for r in rows}
+    print("\nSketchTune vs LoRA at the matching trainable-parameter budget:")
+    for g in (1, 2, 4):
+        sk, lora = by_name.get(f"sketchtune-gpr{g}"), by_name.get(f"lora-r{ranks[g]}")
+        if sk and lora:
+            print(f"  GPR{g} vs lora-r{ranks[g]}: params x{sk['trainable_params'] / lora['trainable_params']:.2f}  "
+                  f"base bytes x{sk['base_model_bytes'] / lora['base_model_bytes']:.2f}  "
+                  f"eval loss {sk['eval_loss'] - lora['eval_loss']:+.4f}  "
+                  f"avg acc {sk['avg_accuracy'] - lora['avg_accuracy']:+.3f}  "
+                  f"s/step x{sk['seconds_per_step'] / lora['seconds_per_step']:.2f}")
 
 if __name__ == "__main__":
     main()

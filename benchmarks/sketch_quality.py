@@ -3,7 +3,9 @@
 Protocol (issue #2): calibration 32 × 512 tokens of C4 (seed 0); WikiText-2 test perplexity over the first
 40 windows of 512 tokens; every configuration is sketched from the same full-precision model in this one
 run, saved as an fp16 checkpoint, reloaded, and evaluated from the reloaded checkpoint — what a user gets.
-``--sweep-s`` adds the k-means importance-exponent sweep (s ∈ {0..4}, both importance definitions).
+``--sweep-s`` adds the k-means importance-exponent sweep (s ∈ {0..4}, both importance definitions);
+``--paper-importance`` reruns every sketch row with the paper's importance as written; ``--resume`` keeps
+the rows already in ``--out``.
 
     python benchmarks/sketch_quality.py --data-dir ../shared/data
 """
@@ -27,6 +29,7 @@ import sketchtune
 from sketchtune.eval.perplexity import perplexity
 from sketchtune.info import describe
 from sketchtune.modeling import load_model
+from sketchtune.sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S
 
 GGUF = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,19 +37,25 @@ def _sk(bits: int, gpr: int, refit: bool) -> dict:
     return dict(method="sketch", bits=bits, gpr=gpr, refit=refit)
 
 
-# Ordered so that a run cut short still answers the main questions (INT4 first, baselines beside it).
+# Ordered so that a run cut short still answers the main questions: the defaults (refit) at every bit
+# width and GPR first, the baselines beside them, then the no-refit ablations. Sketch rows use the library
+# defaults (DEFAULT_S, DEFAULT_IMPORTANCE), recorded in each row.
 MAIN_CONFIGS = [
     dict(method="rtn", bits=4, gpr=1, refit=False), dict(method="rtn", bits=3, gpr=1, refit=False),
     dict(method="gptq", bits=4, gpr=1, refit=False), _sk(4, 1, False), _sk(4, 1, True),
-    dict(method="gptq", bits=3, gpr=1, refit=False), _sk(3, 1, False), _sk(3, 1, True),
-    _sk(4, 4, False), _sk(4, 4, True), _sk(2, 1, False), _sk(2, 1, True),
-    _sk(3, 4, False), _sk(3, 4, True), _sk(2, 4, False), _sk(2, 4, True),
+    _sk(4, 4, True), _sk(3, 1, True), dict(method="gptq", bits=3, gpr=1, refit=False), _sk(2, 1, True),
+    _sk(3, 4, True), _sk(2, 4, True),
+    _sk(3, 1, False), _sk(4, 4, False), _sk(2, 1, False), _sk(3, 4, False), _sk(2, 4, False),
 ]
+# The importance-exponent sweep on INT4 GPR1 k-means (no refit, so the codebooks are k-means' own). s = 0 is
+# unweighted k-means under either definition; the default pair is the main "INT4 GPR1 k-means" row.
 SWEEP_CONFIGS = [
     dict(method="sketch", bits=4, gpr=1, refit=False, s=s, importance=imp)
     for imp in ("paper", "cholesky") for s in (0.0, 1.0, 2.0, 3.0, 4.0)
-    if not (imp == "cholesky" and s == 0.0)  # s = 0 is unweighted k-means under either definition
+    if not (imp == "cholesky" and s == 0.0) and not (imp == DEFAULT_IMPORTANCE and s == DEFAULT_S)
 ]
+# Every sketch configuration again with the paper's importance as written, (1/[H⁻¹]ᵢᵢ)^3.
+PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN_CONFIGS if cfg["method"] == "sketch"]
 
 
 def label(cfg: dict) -> str:
@@ -74,7 +83,8 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
     reloaded, _ = sketchtune.load(out, dtype=torch.float32, device=args.device)
     ppl = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
     return {
-        "label": label(cfg), **cfg, "wikitext2_ppl": ppl.ppl, "sketch_seconds": report.seconds,
+        "label": label(cfg), **cfg, **({"s": DEFAULT_S, "importance": DEFAULT_IMPORTANCE, **cfg}
+                                       if cfg["method"] == "sketch" else {}), "wikitext2_ppl": ppl.ppl, "sketch_seconds": report.seconds,
         "peak_rss_bytes": mem.peak, "peak_rss_over_model_bytes": mem.peak - args.base_rss,
         "peak_device_bytes": report.peak_device_bytes, "mean_rel_layer_error": report.mean_error,
         "checkpoint_weight_bytes": info["weights_bytes_on_disk"], "sketched_bytes": info["sketched_bytes"],
@@ -98,9 +108,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sweep-s", action="store_true", help="also sweep the importance exponent s")
     p.add_argument("--only-sweep", action="store_true", help="run only the s sweep")
+    p.add_argument("--paper-importance", action="store_true",
+                   help="also rerun every sketch configuration with the paper's (1/[H^-1]_ii)^3 importance")
     p.add_argument("--limit", type=int, default=None, help="run only the first N configurations (smoke test)")
     p.add_argument("--out", default="benchmarks/results/sketch_quality.json")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the rest")
     args = p.parse_args()
     data = Path(args.data_dir)
     args.model = args.model or str(data / GGUF)
@@ -109,15 +122,23 @@ def main() -> None:
 
     base, tok = load_model(args.model, dtype=torch.float32)
     args.base_rss = psutil.Process().memory_info().rss
-    fp = perplexity(base.to(args.device), tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
-    base.to("cpu")
-    configs = ([] if args.only_sweep else MAIN_CONFIGS) + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).is_file() else []
+    done = {r["label"] for r in rows}
+    if "FP32 (dequantized GGUF)" not in done:
+        fp = perplexity(base.to(args.device), tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
+        base.to("cpu")
+        rows.insert(0, {"label": "FP32 (dequantized GGUF)", "method": "fp", "wikitext2_ppl": fp.ppl})
+    configs = (([] if args.only_sweep else MAIN_CONFIGS) + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
+               + (PAPER_IMPORTANCE_CONFIGS if args.paper_importance else []))
     configs = configs[: args.limit] if args.limit else configs
-    rows = [{"label": "FP32 (dequantized GGUF)", "method": "fp", "wikitext2_ppl": fp.ppl}]
     print(f"{'configuration':<44}{'wiki2 ppl':>10}{'time s':>9}{'peak MiB':>10}{'bytes/fp16':>11}")
-    print(f"{rows[0]['label']:<44}{fp.ppl:>10.3f}")
+    for row in rows:
+        print(f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}  (earlier run)" if row["method"] != "fp"
+              else f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}")
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs:
+            if label(cfg) in done:
+                continue
             row = run_config(base, tok, cfg, args, Path(tmp))
             rows.append(row)
             print(f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}{row['sketch_seconds']:>9.1f}"

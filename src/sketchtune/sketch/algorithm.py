@@ -141,7 +141,7 @@ def sketch_weight(
     bits: int = 4,
     gpr: int = 1,
     s: float = 3.0,
-    importance: Importance = "paper",
+    importance: Importance = "cholesky",
     percdamp: float = 0.01,
     blocksize: int = 128,
     refit: bool = False,
