@@ -116,11 +116,13 @@ def run_method(name: str, base, tok, train_ds, eval_ds, task: dict, args) -> dic
     with PeakRSS() as mem:
         model, trainable, base_bytes = build_method(name, base, tok, args)
         training = dict(max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-                        gradient_accumulation_steps=args.grad_accum, learning_rate=LEARNING_RATES[kind],
+                        gradient_accumulation_steps=args.grad_accum, learning_rate=args.learning_rates[kind],
                         warmup_steps=max(1, args.max_steps // 10), lr_scheduler_type="linear", logging_steps=5,
                         save_strategy="no", seed=args.seed, use_cpu=not torch.cuda.is_available(),
                         per_device_eval_batch_size=8, disable_tqdm=args.quiet)
         run_dir = Path(args.cache) / "runs" / f"{args.task}-{name}"
+        # The starting loss separates what the base costs (sketch / NF4 error) from what training gains.
+        eval_before = build_trainer(model, tok, train_ds, eval_ds, run_dir / "before", **training).evaluate()["eval_loss"]
         t0 = time.perf_counter()
         if kind == "sketchtune":
             metrics = train_sketch(model, tok, train_ds, run_dir, eval_ds, **training)
@@ -138,8 +140,8 @@ def run_method(name: str, base, tok, train_ds, eval_ds, task: dict, args) -> dic
         model.save_pretrained(Path(args.cache) / f"full-ft-{args.task}")
         tok.save_pretrained(Path(args.cache) / f"full-ft-{args.task}")
     row = {
-        "method": name, "trainable_params": trainable, "base_model_bytes": base_bytes, "eval_loss": eval_loss,
-        "accuracy": {t: r["accuracy"] for t, r in acc["tasks"].items()}, "avg_accuracy": acc["average"],
+        "method": name, "trainable_params": trainable, "base_model_bytes": base_bytes, "eval_loss_before": eval_before,
+        "eval_loss": eval_loss, "accuracy": {t: r["accuracy"] for t, r in acc["tasks"].items()}, "avg_accuracy": acc["average"],
         "peak_rss_bytes": mem.peak, "seconds": seconds, "seconds_per_step": seconds / args.max_steps,
     }
     del model
@@ -168,14 +170,24 @@ def main() -> None:
     p.add_argument("--cache", default="benchmarks/cache", help="sketched bases, runs and the full-FT model")
     p.add_argument("--save-full-ft", action="store_true")
     p.add_argument("--out", default=None, help="default: benchmarks/results/finetune_<task>.json")
+    p.add_argument("--lr", action="append", default=[], metavar="KIND=LR",
+                   help="override a learning rate, e.g. --lr sketchtune=3e-4 (kinds: " + ", ".join(LEARNING_RATES) + ")")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    args.learning_rates = dict(LEARNING_RATES)
+    for item in args.lr:
+        kind, _, value = item.partition("=")
+        if kind not in LEARNING_RATES or not value:
+            p.error(f"--lr wants KIND=LR with KIND in {', '.join(LEARNING_RATES)}, got {item!r}")
+        args.learning_rates[kind] = float(value)
     data = Path(args.data_dir)
     task = TASKS[args.task]
     base, tok = load_model(args.model or str(data / GGUF), dtype=torch.float32)
     if getattr(base, "hf_quantizer", None) is not None:  # the GGUF loader's; the fp32 weights are plain now
         base.hf_quantizer = None
         base.is_quantized = False
+    if hasattr(base.config, "quantization_config"):  # else saved copies claim GGUF and refuse a bnb config
+        del base.config.quantization_config
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     full = build_dataset(",".join(str(data / f) for f in task["train"]), tok, args.cutoff_len).shuffle(seed=args.seed)
@@ -195,15 +207,15 @@ def main() -> None:
     methods = [resolve(m) for m in args.methods.split(",")]
     out = args.out or f"benchmarks/results/finetune_{args.task}.json"
     rows = []
-    header = f"{'method':<18}{'trainable':>12}{'base MiB':>10}{'eval loss':>11}{'avg acc':>9}{'s/step':>8}{'peak MiB':>10}"
+    header = f"{'method':<18}{'trainable':>12}{'base MiB':>10}{'loss@0':>9}{'eval loss':>11}{'avg acc':>9}{'s/step':>8}{'peak MiB':>10}"
     print(header)
     for name in methods:
         row = run_method(name, base, tok, train_ds, eval_ds, task, args)
         rows.append(row)
-        print(f"{name:<18}{row['trainable_params']:>12,}{row['base_model_bytes'] / 2**20:>10.1f}{row['eval_loss']:>11.4f}"
+        print(f"{name:<18}{row['trainable_params']:>12,}{row['base_model_bytes'] / 2**20:>10.1f}{row['eval_loss_before']:>9.4f}{row['eval_loss']:>11.4f}"
               f"{row['avg_accuracy']:>9.3f}{row['seconds_per_step']:>8.2f}{row['peak_rss_bytes'] / 2**20:>10.0f}", flush=True)
         meta = {**machine_meta(), **vars(args), "lora_rank": rank, "lora_ranks_by_gpr": ranks,
-                "learning_rates": LEARNING_RATES}
+                "learning_rates": args.learning_rates}
         write_json(out, {"meta": meta, "rows": rows})
     by_name = {r["method"]: r for r in rows}
     print("\nSketchTune vs LoRA at the matching trainable-parameter budget:")

@@ -37,7 +37,7 @@ def _sk(bits: int, gpr: int, refit: bool) -> dict:
     return dict(method="sketch", bits=bits, gpr=gpr, refit=refit)
 
 
-# Ordered so that a run cut short still answers the main questions: the defaults (refit) at every bit
+# Ordered so that a run cut short still answers the main questions: k-means (the default) and refit at every bit
 # width and GPR first, the baselines beside them, then the no-refit ablations. Sketch rows use the library
 # defaults (DEFAULT_S, DEFAULT_IMPORTANCE), recorded in each row.
 MAIN_CONFIGS = [

@@ -37,8 +37,8 @@ def sketch_quality(d: dict) -> str:
                      f"{r['checkpoint_weight_bytes'] / 2**20:.1f}", f"{r['sketch_seconds']:.0f}",
                      f"{r['peak_rss_over_model_bytes'] / 2**20:.0f}"])
     out = [f"**Sketch quality** — {d['meta']['model']}, calibration {d['meta']['calibration']}, {d['meta']['eval']}, "
-           f"{d['meta']['device']} ({d['meta'].get('threads', '?')} threads). Sketch rows use the defaults "
-           "(importance diag(U)^-3); bytes/fp16 = codes + codebooks of the sketched layers over their fp16 size; "
+           f"{d['meta']['device']} ({d['meta'].get('threads', '?')} threads). Sketch rows use importance diag(U)^-3; "
+           "`k-means` is the default, `refit` adds `--refit`; bytes/fp16 = codes + codebooks of the sketched layers over their fp16 size; "
            "checkpoint MiB includes the unsketched embeddings.\n",
            _table(["configuration", "WikiText-2 ppl", "bytes / fp16", "checkpoint MiB", "sketch s", "peak MiB"], body)]
     sweep = {(r["importance"], r["s"]): r["wikitext2_ppl"] for r in rows
@@ -52,7 +52,8 @@ def sketch_quality(d: dict) -> str:
                 "`paper` = (1/[H⁻¹]ᵢᵢ)^s, `cholesky` = diag(U)^-s (s = 0 is the same unweighted k-means).\n",
                 _table(["importance"] + [f"s={s:g}" for s in s_values], body)]
     paper = {r["label"].replace(" s=3/paper", ""): r for r in rows if r["label"].endswith(" s=3/paper")}
-    pairs = [(r, paper[r["label"]]) for r in main if r["method"] == "sketch" and r["label"] in paper]
+    order = sorted(main, key=lambda r: (-r["bits"], r["gpr"], r["refit"]))
+    pairs = [(r, paper[r["label"]]) for r in order if r["method"] == "sketch" and r["label"] in paper]
     if pairs:
         body = [[r["label"], f"{r['wikitext2_ppl']:.2f}", f"{p['wikitext2_ppl']:.2f}"] for r, p in pairs]
         out += ["\n**Default vs the paper's importance as written** (s = 3 both), WikiText-2 ppl.\n",
@@ -66,13 +67,15 @@ def finetune(d: dict, task: str) -> str:
     m = d["meta"]
     body = []
     for r in rows:
-        body.append([r["method"], f"{r['trainable_params']:,}", f"{r['base_model_bytes'] / 2**20:.1f}",
+        before = f"{r['eval_loss_before']:.4f}" if "eval_loss_before" in r else "–"
+        body.append([r["method"], f"{r['trainable_params']:,}", f"{r['base_model_bytes'] / 2**20:.1f}", before,
                      f"{r['eval_loss']:.4f}"] + [f"{r['accuracy'][t]:.2f}" for t in tasks]
                     + [f"{r['avg_accuracy']:.3f}", f"{r['seconds_per_step']:.2f}", f"{r['peak_rss_bytes'] / 2**20:.0f}"])
     return (f"**Fine-tuning, {task}** — SmolLM2-135M, {m['train_examples']} training examples, {m['max_steps']} steps × "
             f"batch {m['batch_size']}, held-out eval loss on {m['eval_examples']} examples, accuracy on the first "
-            f"{m['eval_limit']} test records per task, {m.get('threads', '?')} CPU threads.\n\n"
-            + _table(["method", "trainable", "base MiB", "eval loss"] + tasks + ["avg acc", "s/step", "peak MiB"], body))
+            f"{m['eval_limit']} test records per task, {m.get('threads', '?')} CPU threads; loss@0 is the eval loss "
+            "before training (what the base's compression costs).\n\n"
+            + _table(["method", "trainable", "base MiB", "loss@0", "eval loss"] + tasks + ["avg acc", "s/step", "peak MiB"], body))
 
 
 def efficiency(d: dict) -> str:

@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--s", type=float, default=None, help="k-means importance exponent (default: tuned, see README)")
     sk.add_argument("--importance", choices=["paper", "cholesky"], default=None,
                     help="importance (1/[H^-1]_ii)^s as in the paper, or diag(U)^-s as in LeanQuant")
-    sk.add_argument("--no-refit", action="store_true", help="keep k-means codebooks (skip least-squares refit)")
+    sk.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
+                    help="replace k-means codebooks by the least-squares optimum for the final codes (off by "
+                         "default: it lowers the calibration error but raised held-out perplexity in 4 of 6 "
+                         "SmolLM2 configurations, see README)")
     sk.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal")
     sk.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                     help="dtype of codebooks and other weights in the saved checkpoint (default float16)")
@@ -166,7 +169,7 @@ def cmd_sketch(args) -> None:
     report = sketch_model(
         model, tok, calib=args.calib, nsamples=args.nsamples, seqlen=_context_len(model, args.seqlen),
         bits=args.bits, gpr=args.gpr, s=DEFAULT_S if args.s is None else args.s,
-        importance=args.importance or DEFAULT_IMPORTANCE, refit=not args.no_refit, percdamp=args.percdamp,
+        importance=args.importance or DEFAULT_IMPORTANCE, refit=args.refit, percdamp=args.percdamp,
         method=args.method, seed=args.seed, device=device,
     )
     save(model, tok, out, dtype=args.dtype)

@@ -149,7 +149,7 @@ def sketch_model(
     gpr: int = 1,
     s: float = DEFAULT_S,
     importance: Importance = DEFAULT_IMPORTANCE,
-    refit: bool = True,
+    refit: bool = False,
     percdamp: float = 0.01,
     blocksize: int = 128,
     method: Method = "sketch",
