@@ -323,6 +323,10 @@ def bench_model(args) -> dict:
         for v in VARIANTS:
             results[v][f"ttft_{prompt}_ms"] = r[v] * 1e3
     print("  training steps ...", flush=True)
+    # bitsandbytes 0.50 repacks Linear4bit weights for its CPU inference kernel on the first eval-mode forward
+    # and never unpacks them; backward through that kernel then skips the base layers (a step that is too
+    # cheap). Train a QLoRA model that has never run in eval mode.
+    models["qlora"] = build("qlora", args)
     steps = {v: make_train_step(m, args) for v, m in models.items()}
     # Not the CPU default, measured for comparison: sketchtune::linear's PyTorch bodies, which recompute Ŵ in
     # backward instead of saving it and the int64 gather indices as the reference autograd does.

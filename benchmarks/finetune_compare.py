@@ -51,13 +51,20 @@ def lora_rank_for(params: int, model) -> int:
     return max(1, round(params / per_rank))
 
 
-def param_bytes(model) -> int:
+def nf4_base_bytes(model) -> int:
+    """QLoRA's base as it would be stored: packed NF4 weights with their quantisation state, everything else
+    at 2 bytes (as the SketchTune checkpoint stores embeddings and norms), so both bases are counted alike."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
+    for p in model.parameters():
+        if p.data_ptr() in seen:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        seen.add(p.data_ptr())
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            total += p.numel() * p.element_size() + sum(
+                t.numel() * t.element_size() for t in state.as_dict(packed=True).values() if torch.is_tensor(t))
+        elif p.is_floating_point():
+            total += p.numel() * 2
     return total
 
 
@@ -98,10 +105,17 @@ def build_method(name: str, base, tok, args):
         fp_dir = Path(args.cache) / "smollm2-fp32"
         if not (fp_dir / "config.json").is_file():
             base.save_pretrained(fp_dir)
+            tok.save_pretrained(fp_dir)  # a complete HF model: analyze-delta and users load it as such
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                  bnb_4bit_use_double_quant=True)
         model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=bnb, dtype=torch.float32)
-        size = param_bytes(model)
+        # bitsandbytes 0.50 repacks Linear4bit weights for its CPU inference kernel on the first eval-mode
+        # forward and never unpacks them for training, whose backward then silently skips the base layers
+        # ("gemv_4bit: an autograd kernel was not registered"); keep the trainable layout throughout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        size = nf4_base_bytes(model)
     else:
         model, size = copy.deepcopy(base), fp16_bytes(base)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LINEARS, use_dora=kind == "dora",
