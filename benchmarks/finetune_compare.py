@@ -197,11 +197,6 @@ def main() -> None:
     data = Path(args.data_dir)
     task = TASKS[args.task]
     base, tok = load_model(args.model or str(data / GGUF), dtype=torch.float32)
-    if getattr(base, "hf_quantizer", None) is not None:  # the GGUF loader's; the fp32 weights are plain now
-        base.hf_quantizer = None
-        base.is_quantized = False
-    if hasattr(base.config, "quantization_config"):  # else saved copies claim GGUF and refuse a bnb config
-        del base.config.quantization_config
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     full = build_dataset(",".join(str(data / f) for f in task["train"]), tok, args.cutoff_len).shuffle(seed=args.seed)

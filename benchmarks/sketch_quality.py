@@ -37,9 +37,9 @@ def _sk(bits: int, gpr: int, refit: bool) -> dict:
     return dict(method="sketch", bits=bits, gpr=gpr, refit=refit)
 
 
-# Ordered so that a run cut short still answers the main questions: k-means (the default) and refit at every bit
-# width and GPR first, the baselines beside them, then the no-refit ablations. Sketch rows use the library
-# defaults (DEFAULT_S, DEFAULT_IMPORTANCE), recorded in each row.
+# Ordered so that a run cut short still answers the main questions: INT4 GPR1 k-means (the default) and refit
+# rows at every bit width and GPR first, the baselines beside them, then the remaining k-means rows. Sketch rows
+# use the library's DEFAULT_S and DEFAULT_IMPORTANCE, recorded in each row.
 MAIN_CONFIGS = [
     dict(method="rtn", bits=4, gpr=1, refit=False), dict(method="rtn", bits=3, gpr=1, refit=False),
     dict(method="gptq", bits=4, gpr=1, refit=False), _sk(4, 1, False), _sk(4, 1, True),

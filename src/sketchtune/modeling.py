@@ -89,5 +89,19 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = "auto"
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SketchError(f"could not load model {spec!r}: {first}") from None
+    if "gguf_file" in kwargs:
+        _forget_gguf_quantization(model)
     model.to(device).eval()
     return model, tokenizer
+
+
+def _forget_gguf_quantization(model) -> None:
+    """transformers dequantizes GGUF tensors to plain floats on load but keeps its GGUF quantizer and config.
+
+    Left in place, ``Trainer`` refuses the model as quantized and a saved copy claims GGUF quantization, which
+    ``from_pretrained`` then will not combine with another quantization config (bitsandbytes, say).
+    """
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
