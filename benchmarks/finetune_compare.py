@@ -78,7 +78,7 @@ def sketch_base(base, tok, gpr: int, args) -> Path:
         m = copy.deepcopy(base)
         sketchtune.sketch_model(m, tok, calib=str(Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"),
                                 nsamples=args.calib_nsamples, seqlen=512, bits=4, gpr=gpr)
-        sketchtune.save(m, tok, out, dtype="float16")
+        sketchtune.save(m, tok, out, dtype="float16", overwrite=True)
     return out
 
 

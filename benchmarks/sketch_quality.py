@@ -77,7 +77,7 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
             device=args.device, progress=not args.quiet, **kwargs,
         )
     out = workdir / "ckpt"
-    sketchtune.save(model, tok, out, dtype="float16")
+    sketchtune.save(model, tok, out, dtype="float16", overwrite=True)
     del model
     info = describe(out)
     reloaded, _ = sketchtune.load(out, dtype=torch.float32, device=args.device)

@@ -8,6 +8,7 @@ A directory holds ``config.json`` (with ``quantization_config.quant_method = "sk
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -18,17 +19,66 @@ import torch
 from safetensors import safe_open
 
 from .errors import SketchError
+from .sketch.algorithm import check_bits_gpr
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def save(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
+#: Files a sketched checkpoint consists of (``save_pretrained`` of model and tokenizer). Only a directory
+#: holding nothing else may be replaced, so a user's own files are never deleted.
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+    "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in CHECKPOINT_FILES)
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output directory whose contents a save would destroy; call before any expensive work.
+
+    A missing or empty directory is fine. An existing sketched checkpoint is replaced only with ``overwrite``,
+    and only if it holds nothing but checkpoint files. Anything else (a model directory, a user's files) is
+    refused: we never delete what we did not write.
+    """
+    out = Path(out_dir).expanduser()
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise SketchError(f"output path {out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return out
+    try:
+        read_config(out)
+        is_checkpoint = True
+    except SketchError:
+        is_checkpoint = False
+    if not is_checkpoint:
+        raise SketchError(f"output directory {out} is not empty and is not a sketchtune checkpoint; "
+                          "refusing to write into it (choose another --out)")
+    foreign = [e for e in entries if not _is_checkpoint_file(e)]
+    if foreign:
+        raise SketchError(f"output directory {out} holds files sketchtune did not write ({', '.join(foreign[:3])}); "
+                          "refusing to replace it")
+    if not overwrite:
+        raise SketchError(f"output directory {out} already holds a sketched checkpoint; "
+                          "pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def save(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
+         overwrite: bool = False) -> Path:
     """Write a sketched model (and tokenizer) to ``out_dir``; optionally cast float tensors to ``dtype`` first.
 
     Files are written to a temporary sibling directory that replaces ``out_dir`` only once complete, so an
-    interrupted save never leaves a half-written checkpoint behind (nor destroys the previous one).
+    interrupted save never leaves a half-written checkpoint behind (nor destroys the previous one). An existing
+    checkpoint is replaced only with ``overwrite=True``; see :func:`check_output_dir` for what is refused.
     """
-    out = Path(out_dir).expanduser().resolve()
+    out = check_output_dir(out_dir, overwrite).resolve()
     if getattr(getattr(model, "config", None), "quantization_config", None) is None:
         raise SketchError("model has no sketchtune quantization_config; sketch it first")
     if isinstance(dtype, str):
@@ -38,16 +88,25 @@ def save(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | str 
         model.config.dtype = dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():
-            shutil.rmtree(out)
+            if any(out.iterdir()):
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+                out.rename(old / "checkpoint")  # checked above: holds only checkpoint files
+            else:
+                out.rmdir()
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if not out.exists() and (old / "checkpoint").exists():
+                (old / "checkpoint").rename(out)  # the new one never arrived: put the previous one back
+            shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -58,6 +117,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise SketchError(f"no such checkpoint directory: {path}")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
+        if (path / "sketch_adapter.safetensors").is_file() or (path / "checkpoints").is_dir():
+            raise SketchError(f"{path} is a training run directory (a sketch adapter), not a sketched checkpoint: "
+                              "pass its base checkpoint, with --adapter for the run")
         raise SketchError(f"corrupt checkpoint: {path} has no config.json")
     try:
         cfg = json.loads(cfg_file.read_text())
@@ -66,6 +128,13 @@ def read_config(path: str | os.PathLike) -> dict:
     qc = cfg.get("quantization_config") or {}
     if qc.get("quant_method") != "sketchtune":
         raise SketchError(f"{path} is not a sketchtune checkpoint (no sketchtune quantization_config)")
+    for key in ("bits", "gpr"):
+        if not isinstance(qc.get(key), int) or isinstance(qc.get(key), bool):
+            raise SketchError(f"corrupt checkpoint: quantization_config.{key} is {qc.get(key)!r}, not an integer")
+    try:
+        check_bits_gpr(qc["bits"], qc["gpr"])
+    except SketchError as e:
+        raise SketchError(f"corrupt checkpoint: quantization_config: {e}") from None
     return cfg
 
 

@@ -16,6 +16,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import __version__
 from .modeling import set_submodule
+from .sketch.algorithm import check_bits_gpr
 from .sketched_linear import SketchedLinear
 
 QUANT_METHOD = "sketchtune"
@@ -26,7 +27,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
 
     ``modules`` lists the full names of the sketched linears; ``bits``/``gpr`` apply to all of them unless
     ``module_overrides`` gives a module its own ``{"bits": .., "gpr": ..}``. ``s``, ``importance``,
-    ``refit`` and ``calibration`` record how the sketch was learned, for reproducibility.
+    ``refit``, ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility.
     """
 
     def __init__(
@@ -39,9 +40,11 @@ class SketchTuneConfig(QuantizationConfigMixin):
         importance: str | None = None,
         refit: bool | None = None,
         calibration: dict[str, Any] | None = None,
+        source_model: str | None = None,
         version: str = __version__,
         **kwargs: Any,
     ) -> None:
+        check_bits_gpr(bits, gpr)  # a hand-edited config fails here, before any layer is built
         self.quant_method = QUANT_METHOD
         self.bits = bits
         self.gpr = gpr
@@ -51,6 +54,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         self.importance = importance
         self.refit = refit
         self.calibration = calibration
+        self.source_model = source_model
         self.version = version
 
     def layout(self, name: str) -> tuple[int, int]:

@@ -47,6 +47,7 @@ def describe(path: str | os.PathLike) -> dict:
         "importance": qc.get("importance"),
         "refit": qc.get("refit"),
         "calibration": qc.get("calibration"),
+        "source_model": qc.get("source_model"),
         "sketched_modules": len(qc["modules"]),
         "decoder_layers": len(layers),
         "sketched_weight_params": dense_params,

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SketchError
-from ..modeling import find_decoder_layers, linear_modules, load_model
+from ..modeling import find_decoder_layers, is_sketched_dir, linear_modules, load_model
 from ..sketched_linear import SketchedLinear
 from .delta import ENERGIES, LayerDelta, analyze_layer, as_dict, mapping_from_weights
 
@@ -20,10 +20,84 @@ def _decoder_linears(model) -> dict[str, torch.nn.Module]:
     return {f"{prefix}.{i}.{n}": m for i, layer in enumerate(layers) for n, m in linear_modules(layer).items()}
 
 
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SketchError("plots need matplotlib: pip install matplotlib (or pass --no-plots)") from None
+
+
+def _is_adapter(path: Path) -> bool:
+    from ..train.adapter import WEIGHTS_NAME
+
+    return (path / WEIGHTS_NAME).is_file() or (path.is_file() and path.suffix == ".safetensors")
+
+
+def sketched_pairs(base: str, tuned: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, SketchedLinear]]:
+    """(Ŵ_base, Ŵ_tuned, base layer) per sketched linear, for a sketched base and an adapter or sketched model.
+
+    ΔW = Ŵ_tuned − Ŵ_base needs no dense model: both share the base's codes and differ only in codebooks.
+    """
+    import copy
+
+    from ..checkpoint import load
+    from ..train.adapter import codes_fingerprint, load_adapter
+
+    base_model, _ = load(base, dtype=torch.float32)
+    tuned_path = Path(tuned).expanduser()
+    if _is_adapter(tuned_path):
+        tuned_model = load_adapter(copy.deepcopy(base_model), tuned_path)
+    elif is_sketched_dir(tuned_path):
+        tuned_model, _ = load(tuned_path, dtype=torch.float32)
+        if codes_fingerprint(tuned_model) != codes_fingerprint(base_model):
+            raise SketchError(f"{tuned} has other codes than {base}: not a fine-tuned copy of that sketched base")
+    elif tuned_path.exists():
+        raise SketchError(f"with a sketched BASE, TUNED must be a sketch adapter or a sketched checkpoint: {tuned}")
+    else:
+        raise SketchError(f"no such file or directory: {tuned}")
+    tuned_mods = dict(tuned_model.named_modules())
+    return {name: (m.dequantize().detach().float(), tuned_mods[name].dequantize().detach().float(), m)
+            for name, m in base_model.named_modules() if isinstance(m, SketchedLinear)}
+
+
 def analyze_models(base: str, tuned: str, out_dir: str | os.PathLike, sketch: str | None = None, bits: int = 4,
                    gprs: tuple[int, ...] = (1, 2, 4, 8), max_layers: int | None = None, plots: bool = True) -> dict:
-    """Compare every decoder linear of ``base`` and ``tuned``; mappings from ``sketch`` (a sketched checkpoint of
-    ``base``) when given, else per-row k-means codes of the base weights at each GPR in ``gprs``."""
+    """Compare every decoder linear of ``base`` and ``tuned``.
+
+    Dense pair: mappings from ``sketch`` (a sketched checkpoint of ``base``) when given, else per-row k-means
+    codes of the base weights at each GPR in ``gprs``. Sketched ``base`` (with a sketch adapter or a sketched
+    checkpoint as ``tuned``): ΔW = Ŵ_tuned − Ŵ_base under the base's own codes, whose sketch error is zero by
+    construction, so what the report adds is ΔW's rank profile and how well a low-rank update of the same budget
+    could have matched it.
+    """
+    if plots:
+        _require_matplotlib()  # before minutes of analysis, not after
+    if is_sketched_dir(base):
+        if sketch:
+            raise SketchError("--sketch is for a dense BASE; a sketched BASE brings its own codes")
+        pairs = sketched_pairs(base, tuned)
+        items = [(n, w0, w1, {m.gpr: m.codes}, m.bits) for n, (w0, w1, m) in pairs.items()]
+    else:
+        items = _dense_items(base, tuned, sketch, bits, gprs, max_layers)
+    items = items[:max_layers] if max_layers else items
+    layers: list[LayerDelta] = []
+    for name, W0, W1, mappings, b in tqdm(items, desc="analyzing ΔW", unit="layer"):
+        bits = b
+        layers.append(analyze_layer(name, W0, W1, mappings, b))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(layers)
+    result = {"base": base, "tuned": tuned, "sketch": sketch, "bits": bits, "summary": summary, "layers": as_dict(layers)}
+    (out / "delta_analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    if plots:
+        plot(layers, out)
+    return result
+
+
+def _dense_items(base: str, tuned: str, sketch: str | None, bits: int, gprs: tuple[int, ...],
+                 max_layers: int | None) -> list[tuple]:
+    if Path(tuned).expanduser().exists() and is_sketched_dir(tuned):
+        raise SketchError(f"{tuned} is sketched but {base} is not: pass the sketched base as BASE")
     base_model, _ = load_model(base, dtype=torch.float32)
     tuned_model, _ = load_model(tuned, dtype=torch.float32)
     base_lin, tuned_lin = _decoder_linears(base_model), _decoder_linears(tuned_model)
@@ -34,9 +108,8 @@ def analyze_models(base: str, tuned: str, out_dir: str | os.PathLike, sketch: st
         sk_model, _ = load_model(sketch, dtype=torch.float32)
         sketched = {n: m for n, m in sk_model.named_modules() if isinstance(m, SketchedLinear)}
         bits = next(iter(sketched.values())).bits
-    names = list(base_lin)[:max_layers] if max_layers else list(base_lin)
-    layers: list[LayerDelta] = []
-    for name in tqdm(names, desc="analyzing ΔW", unit="layer"):
+    items = []
+    for name in list(base_lin)[:max_layers] if max_layers else base_lin:
         W0, W1 = base_lin[name].weight.detach(), tuned_lin[name].weight.detach()
         if W0.shape != W1.shape:
             raise SketchError(f"{name}: shapes differ between base {tuple(W0.shape)} and tuned {tuple(W1.shape)}")
@@ -44,15 +117,8 @@ def analyze_models(base: str, tuned: str, out_dir: str | os.PathLike, sketch: st
             mappings = {sketched[name].gpr: sketched[name].codes}
         else:
             mappings = {g: mapping_from_weights(W0, bits, g) for g in gprs if W0.shape[1] % g == 0}
-        layers.append(analyze_layer(name, W0, W1, mappings, bits))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(layers)
-    result = {"base": base, "tuned": tuned, "sketch": sketch, "bits": bits, "summary": summary, "layers": as_dict(layers)}
-    (out / "delta_analysis.json").write_text(json.dumps(result, indent=2) + "\n")
-    if plots:
-        plot(layers, out)
-    return result
+        items.append((name, W0, W1, mappings, bits))
+    return items
 
 
 def summarize(layers: list[LayerDelta]) -> dict:

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -306,7 +307,7 @@ def add_eval_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help=f"LLM-Adapters dataset directory (default {DEFAULT_DATA_DIR}); "
                              "'bundled' for the 8-record slices shipped with the package")
     parser.add_argument("--limit", type=int, default=None, help="first N records of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="records per forward pass")
     parser.add_argument("--mode", choices=MODES, default="generate",
                         help="generate and parse answers, or score the commonsense labels by likelihood")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 math, 32 commonsense")
@@ -382,6 +383,10 @@ def run_eval_tasks(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise SketchError(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}")
     names = resolve_tasks(args.tasks)
+    generated = [n for n in names if TASKS[n].family != "commonsense"]
+    if args.mode == "likelihood" and generated:
+        print(f"note: likelihood scoring covers the commonsense sets only; falling back to generation for "
+              f"{', '.join(generated)}", file=sys.stderr)
     data_dir = _data_dir(args.data_dir)
     for name in names:  # every file checked before a model is loaded
         task_file(name, data_dir)

@@ -160,12 +160,17 @@ def sketch_model(
 ) -> SketchReport:
     """Replace every linear inside the decoder layers of ``model`` by a :class:`SketchedLinear`, in place.
 
+    ``seqlen`` is capped at the model's context (``max_position_embeddings``).
+
     ``method="sketch"`` is SketchTune; ``"gptq"`` the same loop with a uniform grid; ``"rtn"`` plain rounding
     to a uniform grid (needs no calibration). Embeddings and the LM head are never touched.
     """
     if method not in ("sketch", "gptq", "rtn"):
         raise SketchError(f"method must be 'sketch', 'gptq' or 'rtn', got {method!r}")
     prefix, layers = find_decoder_layers(model)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and seqlen > context:
+        seqlen = context  # calibrate on windows the model can attend over, never beyond its context
     for lname, lin in linear_modules(layers[0]).items():
         try:
             check_sketch_args((lin.out_features, lin.in_features), bits, gpr)
@@ -238,6 +243,7 @@ def sketch_model(
         s=s if method == "sketch" else None,
         importance=importance if method == "sketch" else None,
         refit=refit if method == "sketch" else None,
+        source_model=getattr(model, "name_or_path", None) or None,
         calibration=None if method == "rtn" else {
             "source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "method": method,
         },

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import SketchError
@@ -58,30 +59,79 @@ def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torc
     return out
 
 
+def checkpoint_codes_fingerprint(path: str | os.PathLike, names: list[str]) -> str | None:
+    """:func:`codes_fingerprint` of the packed codes stored in a checkpoint directory (``None`` if any is missing).
+
+    Reads only the ``<module>.weight`` tensors of ``names``, so it is cheap even for a Trainer checkpoint.
+    """
+    from ..checkpoint import weight_files
+
+    where: dict[str, Path] = {}
+    for f in weight_files(Path(path)):
+        if not f.is_file():
+            return None
+        with safe_open(str(f), framework="pt") as st:
+            where.update({k: f for k in st.keys()})
+    h = hashlib.sha256()
+    for name in sorted(names):
+        f = where.get(f"{name}.weight")
+        if f is None:
+            return None
+        with safe_open(str(f), framework="pt") as st:
+            h.update(name.encode())
+            h.update(st.get_tensor(f"{name}.weight").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _adapter_files(path: Path) -> tuple[Path, Path]:
+    """(weights, metadata) of an adapter given as a run directory or as its ``.safetensors`` file."""
+    if path.is_dir():
+        return path / WEIGHTS_NAME, path / CONFIG_NAME
+    if not path.exists():
+        raise SketchError(f"no sketch adapter at {path}: no such file or directory")
+    if path.name == CONFIG_NAME or path.suffix == ".json":
+        raise SketchError(f"{path} is an adapter's metadata file; pass its directory or {WEIGHTS_NAME}")
+    if path.suffix != ".safetensors":
+        raise SketchError(f"{path} is not a sketch adapter: expected a run directory or a .safetensors file")
+    return path, path.parent / CONFIG_NAME
+
+
 def load_adapter(model: torch.nn.Module, path: str | os.PathLike, check_base: bool = True) -> torch.nn.Module:
-    """Copy an adapter's codebooks into ``model`` in place (dtype and device of the model's codebooks kept)."""
-    path = Path(path)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    cfg_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
+    """Copy an adapter's codebooks into ``model`` in place (dtype and device of the model's codebooks kept).
+
+    The adapter's ``sketch_adapter.json`` is required: its fingerprint of the base's codes is what guarantees
+    the codebooks are applied to the codes they were trained with (``check_base=False`` skips the comparison).
+    """
+    path = Path(path).expanduser()
+    weights, cfg_file = _adapter_files(path)
     if not weights.is_file():
         raise SketchError(f"no sketch adapter at {path} (expected {WEIGHTS_NAME})")
+    if not cfg_file.is_file():
+        raise SketchError(f"sketch adapter {weights} has no {CONFIG_NAME} beside it; "
+                          "cannot check which base it was trained on")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SketchError(f"corrupt sketch adapter: {cfg_file} is not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "sketchtune-adapter":
+        raise SketchError(f"corrupt sketch adapter: {cfg_file} is not a sketchtune adapter description")
     try:
         tensors = load_file(str(weights))
-        meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     except Exception as e:
         raise SketchError(f"corrupt sketch adapter {weights}: {str(e).splitlines()[0]}") from None
     mods = sketched_modules(model)
-    if check_base and meta.get("base_fingerprint") and meta["base_fingerprint"] != codes_fingerprint(model):
+    if check_base and meta.get("base_fingerprint") != codes_fingerprint(model):
         raise SketchError(f"adapter {path} was trained on a different sketched base (codes fingerprint differs)")
     missing = [n for n in mods if f"{n}.codebook" not in tensors]
     if missing:
         raise SketchError(f"adapter {path} lacks codebooks for {len(missing)} modules, e.g. {missing[0]}")
+    for name, m in mods.items():  # every check before the first copy: a refused adapter changes nothing
+        t = tensors[f"{name}.codebook"]
+        if t.shape != m.codebook.shape:
+            raise SketchError(f"adapter codebook {name} has shape {tuple(t.shape)}, model has {tuple(m.codebook.shape)}")
+        if not torch.isfinite(t).all():
+            raise SketchError(f"adapter codebook {name} contains NaN or Inf")
     with torch.no_grad():
         for name, m in mods.items():
-            t = tensors[f"{name}.codebook"]
-            if t.shape != m.codebook.shape:
-                raise SketchError(f"adapter codebook {name} has shape {tuple(t.shape)}, model has {tuple(m.codebook.shape)}")
-            if not torch.isfinite(t).all():
-                raise SketchError(f"adapter codebook {name} contains NaN or Inf")
-            m.codebook.copy_(t)
+            m.codebook.copy_(tensors[f"{name}.codebook"])
     return model

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..errors import SketchError
-from .adapter import save_adapter, sketched_modules
+from .adapter import checkpoint_codes_fingerprint, codes_fingerprint, save_adapter, sketched_modules
 
 CHECKPOINTS = "checkpoints"
 
@@ -43,11 +45,55 @@ def prepare_for_training(model: torch.nn.Module) -> int:
     return n
 
 
+def _checkpoint_step(path: Path) -> int | None:
+    tail = path.name[len("checkpoint-"):]
+    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def run_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoint-N`` directory under ``out_dir/checkpoints``, complete or not, oldest first."""
+    root = Path(out_dir) / CHECKPOINTS
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and _checkpoint_step(p) is not None]
+    return sorted(found, key=_checkpoint_step)
+
+
 def latest_complete_checkpoint(out_dir: str | os.PathLike) -> str | None:
     """Newest ``checkpoint-N`` under ``out_dir/checkpoints`` whose trainer state was written."""
-    root = Path(out_dir) / CHECKPOINTS
-    done = [p for p in root.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+    done = [p for p in run_checkpoints(out_dir) if (p / "trainer_state.json").is_file()]
+    return str(done[-1]) if done else None
+
+
+def resume_checkpoint(out_dir: str | os.PathLike, model: torch.nn.Module) -> str:
+    """The checkpoint ``--resume`` continues from, after checking that it was made from ``model``'s codes.
+
+    Trainer restores the whole state dict of a checkpoint, packed codes included, so resuming against another
+    sketched base would silently train that base's codes; we refuse it instead, before any work.
+    """
+    ckpt = latest_complete_checkpoint(out_dir)
+    if ckpt is None:
+        partial = run_checkpoints(out_dir)
+        what = f" ({len(partial)} incomplete, killed while saving)" if partial else ""
+        raise SketchError(f"--resume: no complete checkpoint to resume from under {Path(out_dir) / CHECKPOINTS}{what}")
+    names = list(sketched_modules(model))
+    if checkpoint_codes_fingerprint(ckpt, names) != codes_fingerprint(model):
+        raise SketchError(f"--resume: {ckpt} was made from a different sketched base than this model "
+                          "(codes fingerprint differs); resume with the base the run started from")
+    return ckpt
+
+
+def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """A fresh run must not share a directory with an old run's checkpoints (a later --resume would pick them).
+
+    With ``overwrite`` the old ``checkpoint-N`` directories (which a run wrote) are removed; nothing else is.
+    """
+    old = run_checkpoints(out_dir)
+    if not old:
+        return
+    if not overwrite:
+        raise SketchError(f"{out_dir} already holds a training run ({old[-1].name}); pass --resume to continue it "
+                          "or --overwrite to start over")
+    for p in old:
+        shutil.rmtree(p)
 
 
 def build_trainer(
@@ -66,26 +112,66 @@ def build_trainer(
     defaults.update({k: v for k, v in training_args.items() if v is not None})
     if eval_dataset is not None and training_args.get("eval_steps") is None:
         defaults["eval_steps"] = defaults["save_steps"]
-    args = TrainingArguments(**defaults)
+    try:
+        args = TrainingArguments(**defaults)
+    except ValueError as e:  # TrainingArguments' own validation (precision flags, schedules, step counts)
+        raise SketchError(f"invalid training arguments: {str(e).strip().splitlines()[0]}") from None
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-    return Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                   data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    for stock, ours in ((ProgressCallback, NumericProgressCallback), (PrinterCallback, NumericPrinterCallback)):
+        if trainer.pop_callback(stock) is not None:
+            trainer.add_callback(ours)
+    return trainer
+
+
+def format_logs(logs: dict) -> str:
+    """One log line with numbers as numbers (``loss 2.3412``), not the quoted strings Trainer prints."""
+    parts = []
+    for k, v in logs.items():
+        if k == "total_flos":
+            continue
+        if isinstance(v, float):
+            v = f"{v:.4g}" if (abs(v) < 1e-3 or abs(v) >= 1e5) and v != 0 else f"{v:.4f}".rstrip("0").rstrip(".")
+        parts.append(f"{k} {v}")
+    return "  ".join(parts)
+
+
+class NumericProgressCallback(ProgressCallback):
+    """Trainer's progress bar, with log lines written by :func:`format_logs`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(format_logs(logs))
+
+
+class NumericPrinterCallback(PrinterCallback):
+    """Trainer's plain printer (``disable_tqdm``), with log lines written by :func:`format_logs`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            print(format_logs(logs))
 
 
 def train_sketch(
-    model, tokenizer, train_dataset, out_dir: str | os.PathLike, eval_dataset=None, resume: bool = False,
-    save_full: bool = False, callbacks: list | None = None, **training_args: Any,
+    model, tokenizer, train_dataset, out_dir: str | os.PathLike, eval_dataset=None, resume: bool | str = False,
+    save_full: bool = False, callbacks: list | None = None, overwrite: bool = False, **training_args: Any,
 ) -> dict:
     """Fine-tune a sketched model's codebooks; writes the sketch adapter (and optionally the full model).
 
-    Returns the metrics also written to ``out_dir/train_results.json``.
+    ``resume=True`` continues from the newest complete checkpoint (checked against ``model``'s codes, see
+    :func:`resume_checkpoint`); a path resumes from that checkpoint. A fresh run refuses a directory holding
+    another run's checkpoints unless ``overwrite``. Returns the metrics also written to
+    ``out_dir/train_results.json``; ``loss_curve.png`` beside it plots them.
     """
     out = Path(out_dir)
     trainable = prepare_for_training(model)
+    if resume:
+        ckpt = resume if isinstance(resume, str) else resume_checkpoint(out, model)
+    else:
+        ckpt = None
+        prepare_run_dir(out, overwrite)
     trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, out, callbacks, **training_args)
-    ckpt = latest_complete_checkpoint(out) if resume else None
-    if resume and ckpt is None and any((out / CHECKPOINTS).glob("checkpoint-*")):
-        raise SketchError(f"--resume: no complete checkpoint under {out / CHECKPOINTS}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -94,16 +180,44 @@ def train_sketch(
     metrics: dict[str, Any] = {
         "trainable_params": trainable, "train_loss": result.training_loss, "global_step": result.global_step,
         "seconds": seconds, "resumed_from": ckpt,
-        "seconds_per_step": seconds / max(1, result.global_step - (int(Path(ckpt).name[11:]) if ckpt else 0)),
+        "seconds_per_step": seconds / max(1, result.global_step - (_checkpoint_step(Path(ckpt)) if ckpt else 0)),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "log_history": trainer.state.log_history,
     }
     if eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if not trainer.is_world_process_zero():
+        return metrics
     save_adapter(model, out)
     if save_full:
         from ..checkpoint import save
 
-        save(model, tokenizer, out / "full")
+        save(model, tokenizer, out / "full", overwrite=True)  # out/full is this run's own output
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    plot_loss_curve(metrics["log_history"], out / "loss_curve.png")
     return metrics
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
+    """Training (and eval) loss against step, as a PNG; ``None`` when nothing was logged or no matplotlib."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if not train and not evals:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for points, label in ((train, "train loss"), (evals, "eval loss")):
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+    ax.set(xlabel="step", ylabel="loss", title="codebook fine-tuning")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
