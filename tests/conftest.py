@@ -8,7 +8,7 @@ import torch
 import sketchtune
 from sketchtune.modeling import BUNDLED_MODEL, find_decoder_layers, load_model
 from sketchtune.sketch.calibration import calibration_tokens
-from sketchtune.sketch.pipeline import _HessianCollector
+from sketchtune.sketch.pipeline import collect_hessians
 
 
 @pytest.fixture(scope="session")
@@ -20,18 +20,14 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def layer0_hessians(tiny):
-    """Real calibration Hessians of decoder layer 0 (C4 text), keyed by linear name, with the weights."""
+    """Real calibration Hessians of decoder layer 0 (C4 text), keyed by linear name: {name: (W, H)}, and the
+    raw ``collect_hessians`` result (shared Hessians are the same tensor)."""
     model, tok = tiny
     _, layers = find_decoder_layers(model)
     tokens = calibration_tokens(tok, "c4", nsamples=16, seqlen=128, seed=0)
+    hessians = collect_hessians(layers[0], tokens.split(8), forward=lambda ids: model(input_ids=ids))
     linears = {n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    collector = _HessianCollector(linears)
-    with torch.no_grad():
-        for batch in tokens.split(8):
-            model(input_ids=batch)
-            collector.end_batch()
-    collector.close()
-    return {n: (m.weight.detach().clone(), collector.hessian(n)) for n, m in linears.items()}, collector
+    return {n: (m.weight.detach().clone(), hessians[n]) for n, m in linears.items()}, hessians
 
 
 @pytest.fixture(scope="session")

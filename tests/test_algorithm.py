@@ -54,11 +54,10 @@ def test_more_groups_and_bits_lower_error(layer0_hessians):
 
 
 def test_shared_hessians_for_same_input(layer0_hessians):
-    _, collector = layer0_hessians
-    lead = collector.leader
-    assert lead["self_attn.k_proj"] == lead["self_attn.v_proj"] == lead["self_attn.q_proj"]
-    assert lead["mlp.up_proj"] == lead["mlp.gate_proj"]
-    assert len({lead[n] for n in lead}) == 4  # qkv, o, gate/up, down
+    _, H = layer0_hessians
+    assert H["self_attn.k_proj"] is H["self_attn.v_proj"] is H["self_attn.q_proj"]
+    assert H["mlp.up_proj"] is H["mlp.gate_proj"]
+    assert len({id(h) for h in H.values()}) == 4  # qkv, o, gate/up, down
 
 
 def test_deterministic(layer0_hessians):
@@ -124,3 +123,17 @@ def test_default_importance_beats_unweighted_kmeans(layer0_hessians):
         weighted = output_error(W, sketch_weight(W, H, 3, 1).reconstruct(), H)
         unweighted = output_error(W, sketch_weight(W, H, 3, 1, s=0.0).reconstruct(), H)
         assert weighted < unweighted, name
+
+
+def test_nan_hessian_and_short_calibration_text(layer0_hessians, tiny, tmp_path):
+    from sketchtune.sketch.calibration import calibration_tokens
+
+    W, H = layer0_hessians[0]["self_attn.q_proj"]
+    bad = H.clone()
+    bad[3, 3] = float("nan")
+    with pytest.raises(SketchError, match="Hessian contains NaN or Inf"):
+        sketch_weight(W, bad)
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time there was a cat.")
+    with pytest.raises(SketchError, match=r"calibration text has \d+ tokens, fewer than seqlen=128"):
+        calibration_tokens(tiny[1], short, nsamples=4, seqlen=128)

@@ -44,7 +44,7 @@ def test_info_ppl_generate(capsys, sketched_dir):
     assert code == 0 and "compression vs fp16" in out
     code, out, _ = run(capsys, "ppl", str(sketched_dir), "--data", "tinystories", "--seqlen", "128")
     assert code == 0 and out.startswith("perplexity ")
-    assert 30 < float(out.split()[1]) < 60
+    assert 40.0 < float(out.split()[1]) < 41.5  # measured 40.43 (FP 39.81; fp16 checkpoint, 16 x 128 calibration)
     code, out, _ = run(capsys, "generate", str(sketched_dir), "--prompt", "Once upon a time", "--max-new-tokens", "8")
     assert code == 0 and len(out.strip()) > 0
 

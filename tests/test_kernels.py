@@ -231,7 +231,7 @@ def test_reference_forced_by_env_never_calls_the_op(monkeypatch):
     with torch.no_grad():
         y = layer.eval()(x)
     torch.testing.assert_close(y, x @ layer.dequantize().t(), rtol=0, atol=0)
-    assert layer._dense_cache.weight is None  # "reference" is the bare ground truth: no cache either
+    assert layer.dense_cache.weight is None  # "reference" is the bare ground truth: no cache either
 
 
 # --- CPU decode cache (no triton needed) ------------------------------------------------------------------
@@ -254,9 +254,9 @@ def test_cache_used_in_eval_and_exact(monkeypatch):
     x = torch.randn(2, 3, IN)
     with torch.no_grad():
         y1 = layer(x)
-        w = layer._dense_cache.weight
+        w = layer.dense_cache.weight
         y2 = layer(x[:, :1])
-    assert w is not None and layer._dense_cache.weight is w  # built once, reused
+    assert w is not None and layer.dense_cache.weight is w  # built once, reused
     torch.testing.assert_close(y1, reference_out(layer, x), rtol=0, atol=0)
     torch.testing.assert_close(y2, reference_out(layer, x[:, :1]), rtol=0, atol=0)
 
@@ -266,11 +266,11 @@ def test_cache_never_used_when_training(monkeypatch):
     layer = cpu_layer()
     with torch.no_grad():
         layer.eval()(torch.randn(1, IN))
-    assert layer._dense_cache.weight is not None
+    assert layer.dense_cache.weight is not None
     layer.train()
     x = torch.randn(4, IN)
     layer(x).square().sum().backward()
-    assert layer._dense_cache.weight is None  # train mode drops it
+    assert layer.dense_cache.weight is None  # train mode drops it
     # gradient exact: equal to the gather's autograd
     cb = layer.codebook.detach().clone().requires_grad_()
     torch.nn.functional.linear(x, dequantize(layer.weight, cb, 4, IN), layer.bias.detach()).square().sum().backward()
@@ -281,11 +281,11 @@ def test_cache_skipped_in_eval_when_codebook_needs_grad(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     layer = cpu_layer().eval()
     layer(torch.randn(2, IN)).sum().backward()  # eval mode but grad mode on and codebook trainable
-    assert layer._dense_cache.weight is None and layer.codebook.grad is not None
+    assert layer.dense_cache.weight is None and layer.codebook.grad is not None
     layer.codebook.requires_grad_(False)
     x = torch.randn(2, IN, requires_grad=True)  # frozen codebook: cached Ŵ gives the exact input gradient
     layer(x).sum().backward()
-    assert layer._dense_cache.weight is not None
+    assert layer.dense_cache.weight is not None
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(2, IN), rtol=1e-6, atol=1e-6)
 
 
@@ -313,7 +313,7 @@ def test_cache_invalidated_by_in_place_changes(monkeypatch):
     check()
     # an edit through .data is invisible to the version counter: documented, clear() is the remedy
     layer.codebook.data[0, 0, :] += 1
-    layer._dense_cache.clear()
+    layer.dense_cache.clear()
     check()
     # the parameter's storage replaced (as .to()/.float() conversions do), also via a freed address
     layer.codebook.data = layer.codebook.data.clone() * 3
@@ -331,7 +331,7 @@ def test_cache_under_inference_mode(monkeypatch):
     x = torch.randn(2, IN)
     with torch.inference_mode():
         y = layer(x)
-    assert not layer._dense_cache.weight.is_inference()  # still usable outside inference mode
+    assert not layer.dense_cache.weight.is_inference()  # still usable outside inference mode
     torch.testing.assert_close(y, reference_out(layer, x), rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), y, rtol=0, atol=0)

@@ -26,7 +26,7 @@ from sketchtune.eval.tasks import (
     BUNDLED_TASKS,
     COMMONSENSE_TASKS,
     MATH_TASKS,
-    _truncate_left,
+    truncate_left,
     add_eval_tasks_arguments,
     candidate_labels,
     evaluate_tasks,
@@ -194,9 +194,9 @@ def test_candidate_labels_follow_the_record():
 
 
 def test_truncate_left_keeps_bos():
-    assert _truncate_left([1, 5, 6, 7, 8], 3, bos=1) == [1, 7, 8]
-    assert _truncate_left([5, 6, 7, 8], 3, bos=1) == [6, 7, 8]
-    assert _truncate_left([1, 5], 3, bos=1) == [1, 5]
+    assert truncate_left([1, 5, 6, 7, 8], 3, bos=1) == [1, 7, 8]
+    assert truncate_left([5, 6, 7, 8], 3, bos=1) == [6, 7, 8]
+    assert truncate_left([1, 5], 3, bos=1) == [1, 5]
 
 
 # ------------------------------------------------------------------------------------------- real evaluations

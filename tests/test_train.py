@@ -160,3 +160,86 @@ def test_trl_sft_trainer_trains_only_codebooks(base, tmp_path):
     trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
     assert changed and all(k.endswith(".codebook") for k in changed)
+
+
+def test_adapter_really_applied_in_generate_and_eval_tasks(capsys, sketched_dir, lm_data, tmp_path):
+    """CLI --adapter output equals the in-memory tuned model's and differs from the base's."""
+    from sketchtune.cli import main
+    from sketchtune.eval.generate import generate
+    from sketchtune.eval.tasks import BUNDLED_TASKS, evaluate_tasks
+
+    model, tok = sketchtune.load(sketched_dir, dtype=torch.float32)
+    base, _ = sketchtune.load(sketched_dir, dtype=torch.float32)
+    train_sketch(model, tok, lm_data, tmp_path / "run", **{**TRAIN_ARGS, "max_steps": 2, "learning_rate": 5e-2,
+                                                          "save_steps": 10})
+    model.eval()
+    prompt = "Once upon a time"
+    tuned_text = generate(model, tok, prompt, max_new_tokens=12)
+    assert tuned_text != generate(base, tok, prompt, max_new_tokens=12)
+    capsys.readouterr()
+    assert main(["generate", str(sketched_dir), "--adapter", str(tmp_path / "run"), "--prompt", prompt,
+                 "--max-new-tokens", "12", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == prompt + tuned_text
+
+    kw = dict(limit=4, batch_size=4, mode="likelihood", progress=False)
+    tuned = evaluate_tasks(model, tok, ["boolq"], BUNDLED_TASKS, **kw)["tasks"]["boolq"]["predictions"]
+    plain = evaluate_tasks(base, tok, ["boolq"], BUNDLED_TASKS, **kw)["tasks"]["boolq"]["predictions"]
+    out = tmp_path / "eval.json"
+    assert main(["eval-tasks", str(sketched_dir), "--adapter", str(tmp_path / "run"), "--tasks", "boolq",
+                 "--data-dir", "bundled", "--limit", "4", "--batch-size", "4", "--mode", "likelihood",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    got = json.loads(out.read_text())["tasks"]["boolq"]["predictions"]
+    # The CLI runs the fp16 checkpoint in fp16 ("auto"), the in-memory model in fp32: equal to fp16 rounding,
+    # while the adapter moves the scores by far more than that.
+    to_tuned = max(abs(g["scores"][l] - t["scores"][l]) for g, t in zip(got, tuned) for l in g["scores"])
+    to_base = max(abs(g["scores"][l] - p["scores"][l]) for g, p in zip(got, plain) for l in g["scores"])
+    assert to_tuned < 0.02 and to_base > 10 * to_tuned, (to_tuned, to_base)
+
+
+def test_resume_skips_checkpoint_killed_mid_save(tmp_path):
+    from sketchtune.train.trainer import latest_complete_checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False), (10, False)):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (root / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (root / "checkpoint-x").mkdir()
+    assert latest_complete_checkpoint(tmp_path / "run") == str(root / "checkpoint-4")
+    assert latest_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_every_adapter_error(sketched_dir, tmp_path):
+    """The adapter refusals, each triggered once; a refused adapter leaves the model untouched."""
+    from safetensors.torch import load_file, save_file
+
+    model, tok = sketchtune.load(sketched_dir, dtype=torch.float32)
+    save_adapter(model, tmp_path / "good")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def variant(name, edit):
+        d = tmp_path / name
+        d.mkdir()
+        tensors = load_file(tmp_path / "good" / "sketch_adapter.safetensors")
+        edit(tensors)
+        save_file(tensors, d / "sketch_adapter.safetensors")
+        (d / "sketch_adapter.json").write_text((tmp_path / "good" / "sketch_adapter.json").read_text())
+        return d
+
+    key = "model.layers.1.mlp.down_proj.codebook"
+    missing = variant("missing", lambda t: t.pop(key))
+    shape = variant("shape", lambda t: t.__setitem__(key, t[key][:, :, :8].contiguous()))
+    nan = variant("nan", lambda t: t[key].__setitem__((0, 0, 0), float("nan")))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "sketch_adapter.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (corrupt / "sketch_adapter.json").write_text((tmp_path / "good" / "sketch_adapter.json").read_text())
+    badmeta = variant("badmeta", lambda t: None)
+    (badmeta / "sketch_adapter.json").write_text("{")
+    for path, pattern in [(tmp_path / "nothing", "no sketch adapter at"), (missing, "lacks codebooks for 1 modules"),
+                          (shape, "has shape"), (nan, "NaN or Inf"), (corrupt, "corrupt sketch adapter"),
+                          (badmeta, "is not valid JSON")]:
+        with pytest.raises(SketchError, match=pattern):
+            load_adapter(model, path)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -49,7 +49,7 @@ class SketchedLinear(nn.Module):
             requires_grad=False,
         )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._dense_cache = DenseWeightCache()  # CPU eval only; not state, never saved
+        self.dense_cache = DenseWeightCache()  # CPU eval only; not state, never saved
 
     @classmethod
     def from_codes(
@@ -81,8 +81,8 @@ class SketchedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            self._dense_cache.clear()
-        cache = None if self.training else self._dense_cache
+            self.dense_cache.clear()
+        cache = None if self.training else self.dense_cache
         return sketched_linear(x, self.weight, self.codebook, self.bias, self.bits, self.in_features, cache)
 
     def extra_repr(self) -> str:

@@ -140,7 +140,8 @@ def _pad_id(tokenizer) -> int:
     return pad
 
 
-def _truncate_left(ids: list[int], keep: int, bos: int | None) -> list[int]:
+def truncate_left(ids: list[int], keep: int, bos: int | None) -> list[int]:
+    """The last ``keep`` ids of an over-long prompt (its question and answer cue), keeping a leading BOS."""
     if len(ids) <= keep:
         return ids
     if bos is not None and ids[0] == bos:
@@ -162,7 +163,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         raise SketchError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a {limit}-token context")
     encoded = [tokenizer(p).input_ids for p in prompts]
     if keep is not None:
-        encoded = [_truncate_left(ids, keep, bos) for ids in encoded]
+        encoded = [truncate_left(ids, keep, bos) for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
@@ -209,7 +210,7 @@ def choice_loglikelihoods(model, tokenizer, contexts: list[str], choices: list[l
         for j, ids in enumerate(wholes):
             n = len(ids) - shared
             if limit is not None:
-                ids = _truncate_left(ids, limit, bos)
+                ids = truncate_left(ids, limit, bos)
             items.append((c, j, ids, min(n, len(ids) - 1)))
     items.sort(key=lambda it: -len(it[2]))
     device = next(model.parameters()).device

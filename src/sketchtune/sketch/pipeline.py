@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class _StopForward(Exception):
     pass
 
 
-class _HessianCollector:
+class HessianCollector:
     """Forward hooks accumulating Σ xxᵀ per group of linears that read the same input tensor."""
 
     def __init__(self, linears: dict[str, nn.Linear]):
@@ -96,6 +96,32 @@ class _HessianCollector:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """Every linear's H; linears that read the same input get the very same tensor object."""
+        shared = {lead: self.sums[lead] * (2.0 / self.counts[lead]) for lead in self.sums}
+        return {name: shared[lead] for name, lead in self.leader.items()}
+
+
+def collect_hessians(
+    module: nn.Module, batches: Iterable, forward: Callable[[Any], Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """H = 2XXᵀ/n (fp32) for every ``nn.Linear`` inside ``module``, keyed by name relative to ``module``.
+
+    Each batch is run as ``forward(batch)`` (default ``module(batch)``), so the hooked module may sit inside a
+    larger model that ``forward`` calls. Linears fed the same tensor (q/k/v, gate/up) share one Hessian: the
+    returned dict maps them to the identical tensor.
+    """
+    collector = HessianCollector(linear_modules(module))
+    run = forward or module
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run(batch)
+                collector.end_batch()
+    finally:
+        collector.close()
+    return collector.hessians()
 
 
 def _move_outside_layers(model: nn.Module, layers_prefix: str, device: torch.device) -> None:
@@ -197,7 +223,7 @@ def sketch_model(
     for i in bar:
         layer = layers[i].to(dev)
         linears = linear_modules(layer)
-        collector = _HessianCollector(linears) if states is not None else None
+        collector = HessianCollector(linears) if states is not None else None
         if collector is not None:
             with torch.no_grad():
                 for hidden, kwargs in states:
