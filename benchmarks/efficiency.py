@@ -204,8 +204,8 @@ def build(variant: str, args) -> nn.Module:
 
 def count(model: nn.Module) -> dict:
     params = list(model.parameters())
-    cache = sum(m._dense_cache.weight.numel() * m._dense_cache.weight.element_size()
-                for m in model.modules() if isinstance(m, SketchedLinear) and m._dense_cache.weight is not None)
+    cache = sum(m.dense_cache.weight.numel() * m.dense_cache.weight.element_size()
+                for m in model.modules() if isinstance(m, SketchedLinear) and m.dense_cache.weight is not None)
     return {
         "weight_bytes": sum(p.numel() * p.element_size() for p in params),
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
