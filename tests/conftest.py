@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sketchtune
-from sketchtune.modeling import BUNDLED_MODEL, find_decoder_layers, load_model
+from sketchtune.architecture import find_decoder_layers
+from sketchtune.modeling import BUNDLED_MODEL, load_model
 from sketchtune.sketch.calibration import calibration_tokens
 from sketchtune.sketch.pipeline import collect_hessians
 

@@ -24,7 +24,7 @@ def test_mapping_beats_nearest_rounding_with_same_codebooks(layer0_hessians, nam
     assert res.codes.dtype == torch.uint8 and res.codes.shape == W.shape
     assert res.codebook.shape == (W.shape[0], gpr, 2**bits)
     nearest = round_to_nearest(W, bits, gpr, codebook=res.codebook)
-    assert output_error(W, res.reconstruct(), H) < output_error(W, nearest.reconstruct(), H)
+    assert output_error(W, res.dequantize(), H) < output_error(W, nearest.dequantize(), H)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -33,21 +33,21 @@ def test_refit_lowers_layer_output_error(layer0_hessians, name):
     plain = sketch_weight(W, H, 3, 1)
     refit = sketch_weight(W, H, 3, 1, refit=True)
     assert torch.equal(plain.codes, refit.codes)  # refit only moves codebooks
-    assert output_error(W, refit.reconstruct(), H) < output_error(W, plain.reconstruct(), H)
+    assert output_error(W, refit.dequantize(), H) < output_error(W, plain.dequantize(), H)
 
 
 def test_sketch_beats_gptq_and_rtn_at_equal_bits(layer0_hessians):
     for name in NAMES:
         W, H = layer0_hessians[0][name]
-        sk = output_error(W, sketch_weight(W, H, 3, 1).reconstruct(), H)
-        gptq = output_error(W, sketch_weight(W, H, 3, 1, codebook_fn=uniform_codebook).reconstruct(), H)
-        rtn = output_error(W, round_to_nearest(W, 3, 1).reconstruct(), H)
+        sk = output_error(W, sketch_weight(W, H, 3, 1).dequantize(), H)
+        gptq = output_error(W, sketch_weight(W, H, 3, 1, codebook_fn=uniform_codebook).dequantize(), H)
+        rtn = output_error(W, round_to_nearest(W, 3, 1).dequantize(), H)
         assert sk < gptq < rtn
 
 
 def test_more_groups_and_bits_lower_error(layer0_hessians):
     W, H = layer0_hessians[0]["mlp.down_proj"]
-    err = {(b, g): output_error(W, sketch_weight(W, H, b, g).reconstruct(), H) for b in (2, 3, 4) for g in (1, 4)}
+    err = {(b, g): output_error(W, sketch_weight(W, H, b, g).dequantize(), H) for b in (2, 3, 4) for g in (1, 4)}
     assert err[(4, 1)] < err[(3, 1)] < err[(2, 1)]
     for b in (2, 3, 4):
         assert err[(b, 4)] < err[(b, 1)]
@@ -73,8 +73,8 @@ def test_dead_columns_are_exact_and_harmless(layer0_hessians):
     H[:, :5] = 0
     res = sketch_weight(W, H, 4, 1)
     assert torch.isfinite(res.codebook).all()
-    live = output_error(W[:, 5:], res.reconstruct()[:, 5:], H[5:, 5:])
-    assert live < output_error(W[:, 5:], round_to_nearest(W, 4, 1).reconstruct()[:, 5:], H[5:, 5:])
+    live = output_error(W[:, 5:], res.dequantize()[:, 5:], H[5:, 5:])
+    assert live < output_error(W[:, 5:], round_to_nearest(W, 4, 1).dequantize()[:, 5:], H[5:, 5:])
 
 
 def test_rank_deficient_hessian_is_damped(layer0_hessians):
@@ -120,8 +120,8 @@ def test_default_importance_beats_unweighted_kmeans(layer0_hessians):
     """The default (diag(U)^-3) k-means weighting lowers the layer-output error against s = 0 on real layers."""
     for name in NAMES:
         W, H = layer0_hessians[0][name]
-        weighted = output_error(W, sketch_weight(W, H, 3, 1).reconstruct(), H)
-        unweighted = output_error(W, sketch_weight(W, H, 3, 1, s=0.0).reconstruct(), H)
+        weighted = output_error(W, sketch_weight(W, H, 3, 1).dequantize(), H)
+        unweighted = output_error(W, sketch_weight(W, H, 3, 1, s=0.0).dequantize(), H)
         assert weighted < unweighted, name
 
 

@@ -10,7 +10,7 @@ uncompensated weights, a weaker k-means, a large ridge, reversed packing order) 
 import pytest
 import torch
 
-from sketchtune.packing import pack_codes, unpack_codes
+from sketchtune.layout import pack_codes, unpack_codes
 from sketchtune.sketch.algorithm import importance_weights, prepare_hessian, sketch_weight
 from sketchtune.sketch.kmeans import kmeans_cost, weighted_kmeans_1d
 

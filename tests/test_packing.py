@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sketchtune.packing import pack_codes, packed_row_bytes, unpack_codes
+from sketchtune.layout import pack_codes, packed_row_bytes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -27,15 +27,14 @@ from sketchtune.eval.tasks import (
     COMMONSENSE_TASKS,
     MATH_TASKS,
     truncate_left,
-    add_eval_tasks_arguments,
     candidate_labels,
     evaluate_tasks,
     format_results_table,
     load_task,
     resolve_task,
     resolve_tasks,
-    run_eval_tasks,
 )
+from sketchtune.cli import add_eval_tasks_arguments, run_eval_tasks
 from sketchtune.prompts import format_prompt
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters" / "dataset"
@@ -332,9 +331,11 @@ def test_cli_errors(tmp_path, monkeypatch):
         run_eval_tasks(cli_args(str(BUNDLED_MODEL), "--tasks", "boolq", "--data-dir", str(tmp_path)))
     with pytest.raises(SketchError, match="--limit must be"):
         run_eval_tasks(cli_args(str(BUNDLED_MODEL), "--tasks", "boolq", "--data-dir", "bundled", "--limit", "0"))
-    monkeypatch.chdir(tmp_path)  # the default ../shared/... directory does not exist from here
+    monkeypatch.delenv("SKETCHTUNE_TASKS_DIR", raising=False)  # no workspace path is ever guessed
     with pytest.raises(SketchError, match="--data-dir bundled"):
         run_eval_tasks(cli_args(str(BUNDLED_MODEL), "--tasks", "boolq"))
-    monkeypatch.setitem(sys.modules, "sketchtune.train.adapter", None)  # as if sketchtune.train were absent
-    with pytest.raises(SketchError, match="--adapter needs sketchtune.train"):
+    monkeypatch.setenv("SKETCHTUNE_TASKS_DIR", str(tmp_path))
+    with pytest.raises(SketchError, match="no test set for boolq"):
+        run_eval_tasks(cli_args(str(BUNDLED_MODEL), "--tasks", "boolq"))
+    with pytest.raises(SketchError, match="no sketch adapter at a"):
         run_eval_tasks(cli_args(str(BUNDLED_MODEL), "--tasks", "boolq", "--data-dir", "bundled", "--adapter", "a"))

@@ -2,15 +2,18 @@
 
 ``import sketchtune`` registers the ``sketchtune`` quantization method with transformers, so
 ``AutoModelForCausalLM.from_pretrained(sketched_dir)`` rebuilds the sketched layers.
+
+Modules, bottom to top (each imports only those before it): ``errors``, ``version``, ``layout`` (the format),
+``kernels``, ``sketched_linear`` (the layer), ``architecture``, ``hf_integration``, ``checkpoint``,
+``modeling`` (loading), ``sketch`` / ``train`` / ``eval`` / ``analysis`` (pipelines), ``workflows``, ``cli``.
 """
 
-__version__ = "0.1.0"
-
-from .errors import SketchError  # noqa: E402
-from .hf_integration import SketchTuneConfig, register as _register  # noqa: E402
-from .sketched_linear import SketchedLinear  # noqa: E402
-from .checkpoint import load, save  # noqa: E402
-from .sketch.pipeline import sketch_model  # noqa: E402
+from .checkpoint import load, save
+from .errors import SketchError
+from .hf_integration import SketchTuneConfig, register as _register
+from .sketch.pipeline import sketch_model
+from .sketched_linear import SketchedLinear
+from .version import __version__
 
 _register()
 

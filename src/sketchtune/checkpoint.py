@@ -19,7 +19,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import SketchError
-from .sketch.algorithm import check_bits_gpr
+from .hf_integration import register
+from .layout import check_format_version, check_layout
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -128,11 +129,9 @@ def read_config(path: str | os.PathLike) -> dict:
     qc = cfg.get("quantization_config") or {}
     if qc.get("quant_method") != "sketchtune":
         raise SketchError(f"{path} is not a sketchtune checkpoint (no sketchtune quantization_config)")
-    for key in ("bits", "gpr"):
-        if not isinstance(qc.get(key), int) or isinstance(qc.get(key), bool):
-            raise SketchError(f"corrupt checkpoint: quantization_config.{key} is {qc.get(key)!r}, not an integer")
+    check_format_version(qc.get("format_version"))  # a newer format: not corrupt, just not ours to read
     try:
-        check_bits_gpr(qc["bits"], qc["gpr"])
+        check_layout(qc.get("bits"), qc.get("gpr"))
     except SketchError as e:
         raise SketchError(f"corrupt checkpoint: quantization_config: {e}") from None
     return cfg
@@ -187,8 +186,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", devi
     Equivalent to ``AutoModelForCausalLM.from_pretrained(path)`` after ``import sketchtune``, plus checks.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .hf_integration import register
 
     register()
     path = Path(path).expanduser()

@@ -1,6 +1,8 @@
 """``sketchtune`` command line: sketch, ppl, info, train, eval-tasks, analyze-delta, generate.
 
-Every user error is a :class:`SketchError` printed as one line (``error: ...``) with exit status 2.
+Only argument parsing and printing: every command calls a library function (:mod:`sketchtune.workflows` and
+friends) and prints what it returns. Every user error is a :class:`SketchError` printed as one line
+(``error: ...``) with exit status 2.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import time
 from pathlib import Path
 
 from .errors import SketchError
+from .prompts import DEFAULT_PROMPT
 
-DEFAULT_PROMPT = "Once upon a time"
 
 
 def _positive_int(text: str) -> int:
@@ -59,8 +61,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .eval.tasks import add_eval_tasks_arguments
+    from .version import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(prog="sketchtune", description="Sketch, evaluate and run SketchTune models.",
@@ -191,83 +192,40 @@ def free_cores(sample_seconds: float = 0.1) -> int:
     return max(1, min(n, n - round(busy)))
 
 
-def _device(name: str | None) -> str:
-    import torch
-
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise SketchError(f"device {name} requested but CUDA is not available")
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _context_len(model, wanted: int) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return min(wanted, limit) if limit else wanted
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
 def cmd_sketch(args) -> None:
-    import torch
+    from .workflows import sketch_job
 
-    from .checkpoint import check_output_dir, load, save
-    from .eval.generate import generate
-    from .eval.perplexity import perplexity
-    from .info import describe
-    from .modeling import BUNDLED_MODEL, load_model
-    from .sketch.algorithm import check_bits_gpr
-    from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, sketch_model
-
-    check_bits_gpr(args.bits, args.gpr)  # before loading anything; divisibility is checked per layer
-    spec = args.model or str(BUNDLED_MODEL)
-    name = Path(spec).stem if args.model else "tinystories-656k"
-    out = Path(args.out or f"sketched-{name}-int{args.bits}-gpr{args.gpr}")
-    check_output_dir(out, args.overwrite)  # refuse before an expensive sketch, not after it
-    device = _device(args.device)
-    model, tok = load_model(spec, dtype=torch.float32, device="cpu")
-    evals = [e for e in args.eval_data.split(",") if e]
-    eval_seqlen = _context_len(model, args.eval_seqlen)
-
-    def ppl_row(m) -> list[float]:
-        return [perplexity(m, tok, e, eval_seqlen, args.eval_windows, progress=False).ppl for e in evals]
-
-    before = ppl_row(model.to(device))
-    model.to("cpu")
-    report = sketch_model(
-        model, tok, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-        bits=args.bits, gpr=args.gpr, s=DEFAULT_S if args.s is None else args.s,
-        importance=args.importance or DEFAULT_IMPORTANCE, refit=args.refit, percdamp=args.percdamp,
-        method=args.method, seed=args.seed, device=device,
+    job = sketch_job(
+        args.model, args.out, overwrite=args.overwrite, bits=args.bits, gpr=args.gpr, calib=args.calib,
+        nsamples=args.nsamples, seqlen=args.seqlen, method=args.method, s=args.s, importance=args.importance,
+        refit=args.refit, percdamp=args.percdamp, dtype=args.dtype, device=args.device, seed=args.seed,
+        eval_data=tuple(args.eval_data.split(",")), eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
+        prompt=args.prompt,
     )
-    model.config.quantization_config.source_model = spec
-    save(model, tok, out, dtype=args.dtype, overwrite=args.overwrite)
-    sketched, _ = load(out, dtype=torch.float32, device=device)
-    after = ppl_row(sketched)
-    info = describe(out)
-
-    print(f"\nSketched {spec} -> {out}  ({args.method}, INT{args.bits}, GPR {args.gpr}, {report.seconds:.1f} s)")
-    if evals:
-        print(f"\n{'perplexity (seqlen ' + str(eval_seqlen) + ')':<34}{'before':>10}{'after':>10}")
-        for e, b, a in zip(evals, before, after):
-            print(f"{e:<34}{b:>10.2f}{a:>10.2f}")
+    info, report = job.info, job.report
+    print(f"\nSketched {job.source} -> {job.out}  ({report.method}, INT{report.bits}, GPR {report.gpr}, "
+          f"{report.seconds:.1f} s)")
+    if job.perplexity:
+        print(f"\n{'perplexity (seqlen ' + str(job.eval_seqlen) + ')':<34}{'before':>10}{'after':>10}")
+        for name, (before, after) in job.perplexity.items():
+            print(f"{name:<34}{before:>10.2f}{after:>10.2f}")
     print(f"\nsketched layers: {_mb(info['sketched_fp16_bytes'])} fp16 -> {_mb(info['sketched_bytes'])} "
           f"({info['compression_vs_fp16']:.2f}x smaller); checkpoint {_mb(info['dir_bytes_on_disk'])}")
     print(f"trainable parameters (codebooks): {info['trainable_params']:,}")
     print(f"mean relative layer-output error: {report.mean_error:.3e}")
-    text = generate(sketched, tok, args.prompt, max_new_tokens=48)
-    print(f"\nsample: {args.prompt!r} -> {text!r}")
+    print(f"\nsample: {job.prompt!r} -> {job.sample!r}")
 
 
 def cmd_ppl(args) -> None:
     from .eval.perplexity import perplexity
-    from .modeling import load_model
+    from .modeling import load_model, resolve_device
 
-    model, tok = load_model(args.model, device=_device(args.device))
-    seqlen = _context_len(model, args.seqlen)
-    r = perplexity(model, tok, args.data, seqlen, args.max_windows, args.batch_size)
+    model, tok = load_model(args.model, device=resolve_device(args.device))
+    r = perplexity(model, tok, args.data, args.seqlen, args.max_windows, args.batch_size)
     print(f"perplexity {r.ppl:.4f}  ({args.data}: {r.windows} windows x {r.seqlen} tokens, {r.tokens} scored)")
 
 
@@ -298,51 +256,30 @@ def cmd_info(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .checkpoint import load
-    from .train.data import build_dataset
-    from .train.trainer import prepare_run_dir, resume_checkpoint, train_sketch
+    from .workflows import train_job
 
-    if args.resume and args.overwrite:
-        raise SketchError("--resume and --overwrite contradict each other: continue the run, or start over")
-    device = _device(args.device)
-    model, tok = load(args.model, dtype="auto", device=device)
-    if tok is None:
-        raise SketchError(f"{args.model} has no tokenizer files")
-    if args.resume:  # every check before the data is tokenized
-        resume = resume_checkpoint(args.out, model)
-        print(f"resuming from {resume} (step {Path(resume).name.split('-')[-1]})")
-    else:
-        resume = False
-        prepare_run_dir(args.out, args.overwrite)
-    train_ds = build_dataset(args.data, tok, args.cutoff_len, args.train_on_inputs)
-    eval_ds = build_dataset(args.eval_data, tok, args.cutoff_len, args.train_on_inputs) if args.eval_data else None
-    if eval_ds is None and args.val_set_size > 0:
-        if args.val_set_size >= len(train_ds):
-            raise SketchError(f"--val-set-size {args.val_set_size} leaves no training examples of {len(train_ds)}")
-        split = train_ds.train_test_split(test_size=args.val_set_size, seed=args.seed)
-        train_ds, eval_ds = split["train"], split["test"]
-    hf_args = {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f, *_ in TRAINING_FLAGS}
-    hf_args.update(bf16=args.bf16, fp16=args.fp16, use_cpu=device == "cpu")
-    metrics = train_sketch(model, tok, train_ds, args.out, eval_ds, resume=resume, save_full=args.save_full,
-                           overwrite=args.overwrite, **hf_args)
-    print(f"\ntrained {metrics['trainable_params']:,} codebook parameters for {metrics['global_step']} steps "
-          f"({metrics['seconds_per_step']:.3f} s/step); train loss {metrics['train_loss']:.4f}"
-          + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
-    print(f"sketch adapter: {Path(args.out) / 'sketch_adapter.safetensors'}")
+    training = {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f, *_ in TRAINING_FLAGS}
+    job = train_job(
+        args.model, args.data, args.out, eval_data=args.eval_data, val_set_size=args.val_set_size,
+        cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs, resume=args.resume,
+        overwrite=args.overwrite, save_full=args.save_full, device=args.device, notify=print,
+        bf16=args.bf16, fp16=args.fp16, **training,
+    )
+    m = job.metrics
+    print(f"\ntrained {m['trainable_params']:,} codebook parameters for {m['global_step']} steps "
+          f"({m['seconds_per_step']:.3f} s/step); train loss {m['train_loss']:.4f}"
+          + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+    print(f"sketch adapter: {job.adapter}")
 
 
 def cmd_generate(args) -> None:
     from .eval.generate import generate
-    from .modeling import load_model
+    from .modeling import load_for_eval, resolve_device
     from .prompts import format_prompt
 
     if args.input and args.template == "none":
         raise SketchError("--input is the record's input field: use it with --template alpaca")
-    model, tok = load_model(args.model, device=_device(args.device))
-    if args.adapter:
-        from .train.adapter import load_adapter
-
-        load_adapter(model, args.adapter)
+    model, tok = load_for_eval(args.model, args.adapter, resolve_device(args.device))
     prompt = format_prompt(args.prompt, args.input) if args.template == "alpaca" else args.prompt
     text = generate(model, tok, prompt, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.seed)
     print(prompt + text)
@@ -350,11 +287,14 @@ def cmd_generate(args) -> None:
 
 def cmd_analyze_delta(args) -> None:
     from .analysis.report import analyze_models
-    from .sketch.algorithm import check_bits_gpr
+    from .layout import check_layout
 
-    gprs = tuple(int(g) for g in args.gpr.split(","))
+    try:
+        gprs = tuple(int(g) for g in args.gpr.split(","))
+    except ValueError:
+        raise SketchError(f"--gpr wants comma-separated integers, got {args.gpr!r}") from None
     for g in gprs:
-        check_bits_gpr(args.bits, g)
+        check_layout(args.bits, g)
     res = analyze_models(args.base, args.tuned, args.out, args.sketch, args.bits, gprs, args.max_layers,
                          plots=not args.no_plots)
     summ = res["summary"]
@@ -367,9 +307,45 @@ def cmd_analyze_delta(args) -> None:
     print(f"\nwrote {Path(args.out) / 'delta_analysis.json'}" + ("" if args.no_plots else " and PNG plots"))
 
 
-def cmd_eval_tasks(args) -> None:
-    from .eval.tasks import run_eval_tasks
+def add_eval_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``sketchtune eval-tasks`` arguments."""
+    from .bundled import TASKS_DIR_ENV
+    from .eval.tasks import MODES
 
+    parser.add_argument("model", help="HF / sketched directory, .gguf, hub id, or a peft adapter directory")
+    parser.add_argument("--adapter", default=None, help="sketch adapter (directory or .safetensors) to apply")
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated task names (gsm8k,AddSub,boolq,siqa,arc-e,…) or math, commonsense, all")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"LLM-Adapters dataset directory (default: ${TASKS_DIR_ENV}); "
+                             "'bundled' for the 8-record slices shipped with the package")
+    parser.add_argument("--limit", type=int, default=None, help="first N records of each task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="records per forward pass")
+    parser.add_argument("--mode", choices=MODES, default="generate",
+                        help="generate and parse answers, or score the commonsense labels by likelihood")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 math, 32 commonsense")
+    parser.add_argument("--out", default=None, help="write the results (with every prediction) as JSON")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return parser
+
+
+def run_eval_tasks(args: argparse.Namespace) -> int:
+    """``sketchtune eval-tasks``: print the accuracy table (and where the JSON went)."""
+    from .eval.tasks import format_results_table
+    from .workflows import eval_tasks_job
+
+    results = eval_tasks_job(
+        args.model, args.tasks, args.data_dir, adapter=args.adapter, limit=args.limit, batch_size=args.batch_size,
+        mode=args.mode, max_new_tokens=args.max_new_tokens, out=args.out, device=args.device,
+        notify=lambda line: print(line, file=sys.stderr),
+    )
+    print(format_results_table(results))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval_tasks(args) -> None:
     run_eval_tasks(args)
 
 
@@ -401,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(args.threads or free_cores())
-        import sketchtune  # noqa: F401  (registers the quantizer)
+        from .hf_integration import register
+
+        register()  # sketched checkpoints load through transformers' quantizer registry
 
         t0 = time.perf_counter()
         COMMANDS[args.command](args)

@@ -1,9 +1,11 @@
-"""Hook sketched checkpoints into ``transformers.AutoModelForCausalLM.from_pretrained``.
+"""Hook sketched models into transformers: the ``quantization_config``, the quantizer, and installing layers.
 
 Importing :mod:`sketchtune` registers ``quant_method: "sketchtune"``: its config names the sketched modules
-and their bits/GPR, and its quantizer swaps those ``nn.Linear`` for :class:`SketchedLinear` on the meta
-device before transformers streams the safetensors into them. The quantizer declares itself trainable so
-``Trainer`` accepts the model for codebook fine-tuning.
+and their layout, and its quantizer swaps those ``nn.Linear`` for empty :class:`SketchedLinear` on the meta
+device before transformers streams the safetensors into them. The sketch pipeline installs the layers it
+builds through the same :func:`install_sketched` and :func:`attach_config`, so a freshly sketched model and a
+loaded one are put together one way. The quantizer declares itself trainable so ``Trainer`` accepts the model
+for codebook fine-tuning.
 """
 
 from __future__ import annotations
@@ -14,20 +16,21 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import __version__
-from .modeling import set_submodule
-from .sketch.algorithm import check_bits_gpr
+from .architecture import set_submodule
+from .errors import SketchError
+from .layout import FORMAT_VERSION, check_format_version, check_layout
 from .sketched_linear import SketchedLinear
+from .version import __version__
 
 QUANT_METHOD = "sketchtune"
 
 
 class SketchTuneConfig(QuantizationConfigMixin):
-    """``quantization_config`` of a sketched model.
+    """``quantization_config`` of a sketched model — the one place a checkpoint's layout is recorded.
 
-    ``modules`` lists the full names of the sketched linears; ``bits``/``gpr`` apply to all of them unless
-    ``module_overrides`` gives a module its own ``{"bits": .., "gpr": ..}``. ``s``, ``importance``,
-    ``refit``, ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility.
+    ``modules`` lists the full names of the sketched linears, all with ``bits`` / ``gpr``; ``format_version``
+    is the :mod:`sketchtune.layout` version the codes are packed in. ``s``, ``importance``, ``refit``,
+    ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility.
     """
 
     def __init__(
@@ -35,52 +38,60 @@ class SketchTuneConfig(QuantizationConfigMixin):
         bits: int = 4,
         gpr: int = 1,
         modules: list[str] | None = None,
-        module_overrides: dict[str, dict[str, int]] | None = None,
         s: float | None = None,
         importance: str | None = None,
         refit: bool | None = None,
         calibration: dict[str, Any] | None = None,
         source_model: str | None = None,
+        format_version: int | None = FORMAT_VERSION,
         version: str = __version__,
         **kwargs: Any,
     ) -> None:
-        check_bits_gpr(bits, gpr)  # a hand-edited config fails here, before any layer is built
+        check_layout(bits, gpr)  # a hand-edited config fails here, before any layer is built
+        check_format_version(format_version)
         self.quant_method = QUANT_METHOD
         self.bits = bits
         self.gpr = gpr
         self.modules = list(modules or [])
-        self.module_overrides = dict(module_overrides or {})
         self.s = s
         self.importance = importance
         self.refit = refit
         self.calibration = calibration
         self.source_model = source_model
+        self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.version = version
-
-    def layout(self, name: str) -> tuple[int, int]:
-        """(bits, gpr) of one module."""
-        o = self.module_overrides.get(name, {})
-        return o.get("bits", self.bits), o.get("gpr", self.gpr)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
+def install_sketched(model: torch.nn.Module, layers: dict[str, SketchedLinear]) -> None:
+    """Put each ``SketchedLinear`` at its dotted name in ``model`` (replacing the ``nn.Linear`` there)."""
+    for name, layer in layers.items():
+        set_submodule(model, name, layer)
+
+
+def attach_config(model: torch.nn.Module, config: SketchTuneConfig) -> None:
+    """Mark ``model`` as sketched with ``config``: what ``save_pretrained`` writes and ``Trainer`` checks."""
+    model.config.quantization_config = config
+    model.is_quantized = True
+    if getattr(model, "hf_quantizer", None) is not None:  # e.g. the GGUF loader's: the weights are ours now
+        model.hf_quantizer = None
+
+
 def replace_with_sketched(model: torch.nn.Module, config: SketchTuneConfig) -> None:
     """Swap every module named in ``config.modules`` for an empty ``SketchedLinear`` of the same shape."""
-    from .errors import SketchError
-
+    layers = {}
     for name in config.modules:
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise SketchError(f"corrupt checkpoint: sketched module {name!r} does not exist in this model") from None
-        bits, gpr = config.layout(name)
-        new = SketchedLinear(
-            linear.in_features, linear.out_features, bits, gpr, bias=linear.bias is not None,
+        layers[name] = SketchedLinear(
+            linear.in_features, linear.out_features, config.bits, config.gpr, bias=linear.bias is not None,
             dtype=linear.weight.dtype, device=linear.weight.device,
         )
-        set_submodule(model, name, new)
+    install_sketched(model, layers)
 
 
 class SketchTuneHfQuantizer(HfQuantizer):

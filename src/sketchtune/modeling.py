@@ -1,4 +1,8 @@
-"""Finding what to sketch in a Hugging Face causal LM, and loading models from directories, GGUF or the hub."""
+"""Loading models: local HF directories, sketched directories, GGUF files, hub ids, peft adapters, sketch adapters.
+
+The top floor of the package's plumbing: it may use everything below it (checkpoints, adapters); the
+pipelines and the CLI use it. ``find_decoder_layers`` and friends live in :mod:`sketchtune.architecture`.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architecture import find_decoder_layers, linear_modules  # noqa: F401  (re-exported for users)
+from .bundled import BUNDLED_MODEL, BUNDLED_TEXT  # noqa: F401  (re-exported for users)
+from .checkpoint import load
 from .errors import SketchError
-
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "tinystories-656k"
-BUNDLED_TEXT = Path(__file__).parent / "assets" / "text"
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ``ModuleList`` of decoder blocks: as long as ``config.num_hidden_layers`` and holding linears.
-
-    Works for Llama, Mistral, Qwen2, SmolLM2, Phi-3 and any model following the usual layout, without a
-    per-architecture table.
-    """
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers):
-            if any(isinstance(m, nn.Linear) for m in module[0].modules()):
-                return name, module
-    arch = type(model).__name__
-    raise SketchError(f"unsupported architecture {arch}: no decoder layers with linear projections found")
-
-
-def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside one decoder layer, by its name relative to the layer."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
-def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+from .train.adapter import load_adapter
 
 
 def is_sketched_dir(path: str | os.PathLike) -> bool:
@@ -71,8 +50,6 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = "auto"
             src = str(path.parent)
         elif path.is_dir():
             if is_sketched_dir(path):
-                from .checkpoint import load
-
                 return load(path, dtype=dtype, device=device)
             if not (path / "config.json").is_file():
                 raise SketchError(f"{path} is not a model directory (no config.json)")
@@ -105,3 +82,46 @@ def _forget_gguf_quantization(model) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def resolve_device(name: str | None) -> str:
+    """The compute device: ``name`` if given (and available), else CUDA when present, else CPU."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise SketchError(f"device {name} requested but CUDA is not available")
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_eval(spec: str, adapter: str | None = None, device: str = "cpu"):
+    """``(model, tokenizer)`` from a model spec, a peft adapter directory, or a sketched model plus a sketch adapter."""
+    path = Path(spec).expanduser()
+    if (path / "adapter_config.json").is_file():
+        if adapter:
+            raise SketchError(f"{spec} is a peft adapter directory; --adapter cannot be applied on top of it")
+        return _load_peft(path, device)
+    model, tokenizer = load_model(spec, device=device)
+    if adapter:
+        load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def _load_peft(path: Path, device: str):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise SketchError(f"{path / 'adapter_config.json'} is not valid JSON ({e.msg})") from None
+    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if not has_tokenizer and not base:
+        raise SketchError(f"{path} has no tokenizer and its adapter_config.json names no base model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else base)
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SketchError(f"could not load peft adapter {path}: {first}") from None
+    model.to(device).eval()
+    return model, tokenizer

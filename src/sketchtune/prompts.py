@@ -9,6 +9,9 @@ a space after "request." and a literal ``"<s> "``. We reproduce neither accident
 
 from __future__ import annotations
 
+#: The plain-text prompt of the main job's sample generation (the bundled model writes children's stories).
+DEFAULT_PROMPT = "Once upon a time"
+
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"

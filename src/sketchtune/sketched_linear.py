@@ -1,8 +1,8 @@
 """``SketchedLinear``: a linear layer stored as packed codes + trainable codebooks.
 
 The forward pass rebuilds Ŵ = codebook[codes] and runs one ``F.linear`` — no adapter branch. Because the
-rebuild is a ``gather``, autograd's backward is exactly the scatter-add of ∂L/∂Ŵ into the codebook that the
-paper's gradient kernel computes, so the pure-PyTorch path below is the reference. ``forward`` goes through
+rebuild is a ``gather`` (:func:`sketchtune.layout.dequantize`), autograd's backward is exactly the scatter-add
+of ∂L/∂Ŵ into the codebook that the paper's gradient kernel computes, so that path is the reference. ``forward`` goes through
 :func:`sketchtune.kernels.sketched_linear`, which runs the Triton kernels on CUDA and this reference on CPU
 (with a dense-Ŵ cache in eval mode, so CPU decoding is as fast as the dense layer).
 
@@ -16,16 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .kernels import DenseWeightCache, sketched_linear
-
-
-def dequantize(packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Ŵ (out, in) from packed codes and codebooks (out, gpr, 2^bits), in the codebook's dtype."""
-    out, gpr, k = codebook.shape
-    codes = unpack_codes(packed, bits, in_features)
-    offset = (torch.arange(in_features, device=codes.device) // (in_features // gpr)) * k
-    return codebook.reshape(out, gpr * k).gather(1, codes + offset)
+from .layout import check_layout, dequantize, pack_codes, packed_row_bytes, unpack_codes
 
 
 class SketchedLinear(nn.Module):
@@ -42,6 +34,7 @@ class SketchedLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        check_layout(bits, gpr, in_features)
         self.in_features, self.out_features, self.bits, self.gpr = in_features, out_features, bits, gpr
         self.codebook = nn.Parameter(torch.zeros(out_features, gpr, 2**bits, dtype=dtype, device=device))
         self.weight = nn.Parameter(

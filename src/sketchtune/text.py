@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import SketchError
-from .modeling import BUNDLED_TEXT
+from .bundled import BUNDLED_TEXT
 
 #: Short names for the text slices bundled with the package (so nothing outside the repo is needed).
 BUNDLED = {

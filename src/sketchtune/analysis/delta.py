@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..layout import codebook_slots
 from ..sketch.kmeans import weighted_kmeans_1d
 
 ENERGIES = (0.25, 0.5, 0.75, 0.9)
@@ -50,7 +51,7 @@ def lowrank_error(singular_values: torch.Tensor, rank: int) -> float:
 def sketch_projection(delta: torch.Tensor, codes: torch.Tensor, gpr: int, k: int) -> torch.Tensor:
     """Eq. 10 per row: each entry → mean of Δ over the entries of its row-group with the same code."""
     r, c = delta.shape
-    slot = codes.long() + (torch.arange(c, device=codes.device) // (c // gpr)) * k
+    slot = codebook_slots(codes, gpr, k)
     sums = torch.zeros(r, gpr * k, dtype=delta.dtype, device=delta.device).scatter_add_(1, slot, delta)
     counts = torch.zeros(r, gpr * k, dtype=delta.dtype, device=delta.device).scatter_add_(1, slot, torch.ones_like(delta))
     return (sums / counts.clamp_min(1)).gather(1, slot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..architecture import find_decoder_layers, linear_modules
+from ..checkpoint import load
 from ..errors import SketchError
-from ..modeling import find_decoder_layers, is_sketched_dir, linear_modules, load_model
+from ..modeling import is_sketched_dir, load_model
 from ..sketched_linear import SketchedLinear
+from ..train.adapter import WEIGHTS_NAME, codes_fingerprint, load_adapter
 from .delta import ENERGIES, LayerDelta, analyze_layer, as_dict, mapping_from_weights
 
 
@@ -28,8 +32,6 @@ def _require_matplotlib() -> None:
 
 
 def _is_adapter(path: Path) -> bool:
-    from ..train.adapter import WEIGHTS_NAME
-
     return (path / WEIGHTS_NAME).is_file() or (path.is_file() and path.suffix == ".safetensors")
 
 
@@ -38,11 +40,6 @@ def sketched_pairs(base: str, tuned: str) -> dict[str, tuple[torch.Tensor, torch
 
     ΔW = Ŵ_tuned − Ŵ_base needs no dense model: both share the base's codes and differ only in codebooks.
     """
-    import copy
-
-    from ..checkpoint import load
-    from ..train.adapter import codes_fingerprint, load_adapter
-
     base_model, _ = load(base, dtype=torch.float32)
     tuned_path = Path(tuned).expanduser()
     if _is_adapter(tuned_path):

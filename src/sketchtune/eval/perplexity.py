@@ -49,7 +49,12 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a text file (or bundled name: ``wikitext2``, ``c4``, ``tinystories``)."""
+    """Perplexity of ``model`` on a text file (or bundled name: ``wikitext2``, ``c4``, ``tinystories``).
+
+    ``seqlen`` is capped at the model's context (``max_position_embeddings``); the result says what was used.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    seqlen = min(seqlen, context) if context else seqlen
     windows = token_windows(tokenizer, source, seqlen, max_windows)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0

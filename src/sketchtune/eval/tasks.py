@@ -19,24 +19,19 @@ cut from the left (keeping BOS), so the "### Response:" cue always survives.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..bundled import BUNDLED_TASKS, TASKS_DIR_ENV, default_tasks_dir
 from ..errors import SketchError
 from ..prompts import format_prompt
 from .answers import TASKS, extract_answer, is_correct
-
-BUNDLED_TASKS = Path(__file__).resolve().parents[1] / "assets" / "tasks"
-#: Where the full LLM-Adapters test sets live in this workspace (relative to the working directory).
-DEFAULT_DATA_DIR = Path("../shared/data/llm-adapters/dataset")
 
 MATH_TASKS = ("AddSub", "MultiArith", "SingleEq", "gsm8k", "AQuA", "SVAMP", "mawps")
 COMMONSENSE_TASKS = ("boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
@@ -295,114 +290,15 @@ def format_results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------------- CLI side
-
-
-def add_eval_tasks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``sketchtune eval-tasks`` arguments, for the CLI to add to its subparser."""
-    parser.add_argument("model", help="HF / sketched directory, .gguf, hub id, or a peft adapter directory")
-    parser.add_argument("--adapter", default=None, help="sketch adapter (directory or .safetensors) to apply")
-    parser.add_argument("--tasks", required=True,
-                        help="comma-separated task names (gsm8k,AddSub,boolq,siqa,arc-e,…) or math, commonsense, all")
-    parser.add_argument("--data-dir", default=None,
-                        help=f"LLM-Adapters dataset directory (default {DEFAULT_DATA_DIR}); "
-                             "'bundled' for the 8-record slices shipped with the package")
-    parser.add_argument("--limit", type=int, default=None, help="first N records of each task")
-    parser.add_argument("--batch-size", type=int, default=8, help="records per forward pass")
-    parser.add_argument("--mode", choices=MODES, default="generate",
-                        help="generate and parse answers, or score the commonsense labels by likelihood")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 256 math, 32 commonsense")
-    parser.add_argument("--out", default=None, help="write the results (with every prediction) as JSON")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    return parser
-
-
-def _data_dir(arg: str | None) -> Path:
-    if arg == "bundled":
+def resolve_tasks_dir(arg: str | os.PathLike | None) -> Path:
+    """The LLM-Adapters dataset directory: ``arg``, ``"bundled"`` (the 8-record slices in the package), or
+    ``$SKETCHTUNE_TASKS_DIR``; never a guessed workspace path."""
+    if arg is not None and str(arg) == "bundled":
         return BUNDLED_TASKS
-    if arg is None and not DEFAULT_DATA_DIR.is_dir():
-        raise SketchError(f"no data directory {DEFAULT_DATA_DIR}; pass --data-dir DIR "
-                          "(or --data-dir bundled for the 8-record slices shipped with sketchtune)")
-    return Path(arg) if arg else DEFAULT_DATA_DIR
-
-
-def _device(name: str | None) -> str:
-    if name and name.startswith("cuda") and not torch.cuda.is_available():
-        raise SketchError(f"device {name} requested but CUDA is not available")
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_for_eval(spec: str, adapter: str | None = None, device: str = "cpu"):
-    """``(model, tokenizer)`` from a model spec, a peft adapter directory, or a model plus a sketch adapter."""
-    path = Path(spec).expanduser()
-    if (path / "adapter_config.json").is_file():
-        if adapter:
-            raise SketchError(f"{spec} is a peft adapter directory; --adapter cannot be applied on top of it")
-        return _load_peft(path, device)
-    from ..modeling import load_model
-
-    model, tokenizer = load_model(spec, device=device)
-    if adapter:
-        try:
-            from ..train.adapter import load_adapter
-        except ImportError as e:
-            if isinstance(e, ModuleNotFoundError) and not (e.name or "").startswith("sketchtune.train"):
-                raise
-            raise SketchError("--adapter needs sketchtune.train") from None
-        loaded = load_adapter(model, adapter)
-        model = loaded if isinstance(loaded, torch.nn.Module) else model
-    return model, tokenizer
-
-
-def _load_peft(path: Path, device: str):
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
-
-    try:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError as e:
-        raise SketchError(f"{path / 'adapter_config.json'} is not valid JSON ({e.msg})") from None
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_tokenizer and not base:
-        raise SketchError(f"{path} has no tokenizer and its adapter_config.json names no base model")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if has_tokenizer else base)
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype="auto")
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SketchError(f"could not load peft adapter {path}: {first}") from None
-    model.to(device).eval()
-    return model, tokenizer
-
-
-def run_eval_tasks(args: argparse.Namespace) -> int:
-    """``sketchtune eval-tasks``: print the accuracy table, and write JSON when ``--out`` is given."""
-    import sketchtune  # noqa: F401  (registers the quantizer, so sketched bases of peft adapters load)
-
-    for flag in ("limit", "batch_size", "max_new_tokens"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SketchError(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}")
-    names = resolve_tasks(args.tasks)
-    generated = [n for n in names if TASKS[n].family != "commonsense"]
-    if args.mode == "likelihood" and generated:
-        print(f"note: likelihood scoring covers the commonsense sets only; falling back to generation for "
-              f"{', '.join(generated)}", file=sys.stderr)
-    data_dir = _data_dir(args.data_dir)
-    for name in names:  # every file checked before a model is loaded
-        task_file(name, data_dir)
-    model, tokenizer = load_for_eval(args.model, args.adapter, _device(args.device))
-    results = evaluate_tasks(model, tokenizer, names, data_dir, limit=args.limit, batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, mode=args.mode)
-    results["model"] = args.model
-    if args.adapter:
-        results["adapter"] = args.adapter
-    print(format_results_table(results))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {out}")
-    return 0
+    if arg is not None:
+        return Path(arg).expanduser()
+    env = default_tasks_dir()
+    if env is None:
+        raise SketchError(f"no task data directory: pass --data-dir DIR (the LLM-Adapters 'dataset' folder), set "
+                          f"{TASKS_DIR_ENV}, or use --data-dir bundled for the 8-record slices shipped with sketchtune")
+    return env

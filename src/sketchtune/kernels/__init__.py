@@ -2,8 +2,9 @@
 
 ``sketched_linear`` (:mod:`.dispatch`) is the entry point; :mod:`.ops` registers the custom ops (importing
 this package is enough), :mod:`.triton_kernels` holds the kernels (imported lazily — triton is optional),
-:mod:`.dense_cache` the CPU inference cache. The pure-PyTorch ``sketchtune.sketched_linear.dequantize`` +
-``F.linear`` stays the ground truth every path is tested against.
+:mod:`.dense_cache` the CPU inference cache. The pure-PyTorch ``sketchtune.layout.dequantize`` + ``F.linear``
+stays the ground truth every path is tested against. The kernels depend only on the format
+(:mod:`sketchtune.layout`); ``SketchedLinear`` calls them.
 """
 
 from .dense_cache import DenseWeightCache

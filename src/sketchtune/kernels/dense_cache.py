@@ -1,24 +1,10 @@
 """CPU inference: keep the dequantized Ŵ of a layer between calls instead of rebuilding it every token.
 
 Why a cache and not a smarter CPU kernel: on CPU the cost of the reference path is unpacking and gathering
-out×in codes on every call, which a GEMV of the same size hides nowhere. ``benchmarks/efficiency.py``,
-one token, INT4 GPR 1, fp32, one thread on a 2-core machine shared with other jobs (median ms per call):
-
-==============  =======  ==================  ===============  ================  ===================
-(in → out)      dense    reference (unpack   cached codes +   torch.compile     **cached Ŵ**
-                         every call)         gather           (dequant + GEMV)  (shipped)
-==============  =======  ==================  ===============  ================  ===================
-576 → 1536      0.101    8.39                0.70             1.18              **0.098**
-1536 → 576      0.090    4.56                0.69             1.17              **0.087**
-2048 → 2048     0.68     38.8                4.89             6.12              **0.80**
-==============  =======  ==================  ===============  ================  ===================
-
-The cached Ŵ *is* the dense GEMV plus ~5 µs of checks per call (the 2048² gap is this machine's noise: at
-GPR 4 it was 0.78 vs 0.76, and a longer interleaved re-run gave 0.84 vs 0.80); everything else stays 7–85×
-slower, and compiling costs 0.1–2 s per shape on top. On a 4-layer hidden-1024 Llama, decoding one token
-takes 19.6 ms sketched vs 20.2 ms dense (``benchmarks/results/efficiency_cpu.json``). The price is memory:
-an eval-mode layer holds a dense Ŵ in the input's dtype next to its codes (206 MB on top of 62 MB of
-codes and codebooks in that model). ``SKETCHTUNE_KERNELS=reference`` turns the cache off.
+out×in codes on every call, which a GEMV of the same size hides nowhere; the cached Ŵ *is* the dense GEMV
+plus a few µs of checks. The price is memory: an eval-mode layer holds a dense Ŵ next to its codes. The
+measured trade-off (per-layer decode times of every strategy, and model memory) is in README "Kernels" and
+``benchmarks/results/efficiency_cpu.json``. ``SKETCHTUNE_KERNELS=reference`` turns the cache off.
 
 Correctness rules, enforced by :func:`sketchtune.kernels.sketched_linear` and here:
 
@@ -41,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import sketched_linear as _reference  # module object: sketched_linear.py imports this package
+from .. import layout
 
 
 class DenseWeightCache:
@@ -66,7 +52,7 @@ class DenseWeightCache:
         if self._key != key:
             # A normal (not inference) tensor, so the cache stays usable when inference mode is left.
             with torch.inference_mode(False), torch.no_grad():
-                self._weight = _reference.dequantize(packed, codebook, bits, in_features).to(dtype)
+                self._weight = layout.dequantize(packed, codebook, bits, in_features).to(dtype)
                 # Holding the source storages keeps their addresses from being reused by a replacement
                 # tensor (say after .half().float()), which could otherwise arrive with the same _version.
                 self._pinned = (packed.detach(), codebook.detach())

@@ -9,8 +9,7 @@ Rule (``SKETCHTUNE_KERNELS``, read on every call so tests and users can flip it 
 * ``triton``: always ``sketchtune::linear`` (on CPU it runs its kernels under ``TRITON_INTERPRET=1`` and
   its PyTorch bodies otherwise) — for testing the op and its autograd anywhere. It is also a lever for CPU
   training memory: the op recomputes Ŵ in backward where the reference autograd keeps Ŵ and int64 gather
-  indices per layer (~12 B per weight); on the 4-layer benchmark model, peak 236 vs 764 MiB at 2.24 vs
-  1.71 s per step (``benchmarks/results/efficiency_cpu.json``).
+  indices per layer (~12 B per weight); README "Kernels" has the measured trade-off.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .. import sketched_linear as _reference  # module object: sketched_linear.py imports this package
+from .. import layout
 from .dense_cache import DenseWeightCache
 from .ops import linear, triton_available
 
@@ -76,4 +75,4 @@ def sketched_linear(
             cache.clear()
         elif (w := cache.get(packed, codebook, bits, in_features, x.dtype)) is not None:
             return F.linear(x, w, b)
-    return F.linear(x, _reference.dequantize(packed, codebook, bits, in_features).to(x.dtype), b)
+    return F.linear(x, layout.dequantize(packed, codebook, bits, in_features).to(x.dtype), b)

@@ -30,8 +30,7 @@ from types import ModuleType
 
 import torch
 
-from .. import sketched_linear as _reference  # module object: sketched_linear.py imports this package
-from ..packing import unpack_codes
+from .. import layout
 
 GEMV_MAX_TOKENS = 8
 """Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
@@ -73,7 +72,7 @@ def dequantize(
 ) -> torch.Tensor:
     if triton_runs_on(packed):
         return _kernels().dequantize(packed, codebook, bits, in_features, dtype)
-    return _reference.dequantize(packed, codebook, bits, in_features).to(dtype)
+    return layout.dequantize(packed, codebook, bits, in_features).to(dtype)
 
 
 @dequantize.register_fake
@@ -92,7 +91,7 @@ def lut_gemv(
         return x.new_empty(0, packed.shape[0])
     if triton_runs_on(x):
         return _kernels().lut_gemv(x, packed, codebook, bits, in_features)
-    w = _reference.dequantize(packed, codebook, bits, in_features)
+    w = layout.dequantize(packed, codebook, bits, in_features)
     return (x.float() @ w.float().t()).to(x.dtype)
 
 
@@ -104,23 +103,13 @@ def _(x, packed, codebook, bits, in_features):
 # --- codebook gradient ------------------------------------------------------------------------------------
 
 
-def _bins_torch(grad_weight: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int) -> torch.Tensor:
-    """Reference bin reduction: scatter-add of ∂L/∂Ŵ into (row, group·2^bits + code), in fp32."""
-    out, in_features = grad_weight.shape
-    k = 1 << bits
-    codes = unpack_codes(packed, bits, in_features)
-    index = codes + (torch.arange(in_features, device=codes.device) // (in_features // gpr)) * k
-    bins = torch.zeros(out, gpr * k, dtype=torch.float32, device=grad_weight.device)
-    return bins.scatter_add_(1, index, grad_weight.float()).view(out, gpr, k)
-
-
 @torch.library.custom_op("sketchtune::codebook_grad", mutates_args=())
 def codebook_grad(
     grad_out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int
 ) -> torch.Tensor:
     if triton_runs_on(x):
         return _kernels().codebook_grad(grad_out, x, packed, bits, gpr)
-    return _bins_torch(grad_out.float().t() @ x.float(), packed, bits, gpr)
+    return layout.bin_reduce(grad_out.float().t() @ x.float(), packed, bits, gpr)
 
 
 @codebook_grad.register_fake
@@ -132,7 +121,7 @@ def _(grad_out, x, packed, bits, gpr):
 def bin_reduce(grad_weight: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int) -> torch.Tensor:
     if triton_runs_on(grad_weight):
         return _kernels().bin_reduce(grad_weight, packed, bits, gpr)
-    return _bins_torch(grad_weight, packed, bits, gpr)
+    return layout.bin_reduce(grad_weight, packed, bits, gpr)
 
 
 @bin_reduce.register_fake

@@ -1,6 +1,6 @@
 """Triton kernels for packed-code layers and the Python launchers that size their grids.
 
-Every kernel decodes the dense packing of :mod:`sketchtune.packing` in registers: code ``c`` of a row sits
+Every kernel decodes the dense packing of :mod:`sketchtune.layout` in registers: code ``c`` of a row sits
 at bit ``c·bits`` of the row's little-endian byte stream, so it is one byte shifted (2/4-bit codes never
 straddle bytes) or, for 3-bit codes, two bytes when the shift exceeds 5. The codebook of a code is
 ``codebook[row, c // group_size]`` — a handful of values per row that stay in L1/L2, so a lookup is a

@@ -23,13 +23,12 @@ from typing import Callable, Literal
 import torch
 
 from ..errors import SketchError
+from ..layout import check_layout, dequantize_codes
 from .kmeans import assign_nearest, weighted_kmeans_1d
+from .refit import refit_codebooks
 
 Importance = Literal["paper", "cholesky"]
 CodebookFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-SUPPORTED_BITS = (2, 3, 4)
-
 
 @dataclass
 class SketchResult:
@@ -38,32 +37,9 @@ class SketchResult:
     codebook: torch.Tensor
     codes: torch.Tensor
 
-    def reconstruct(self) -> torch.Tensor:
-        return reconstruct(self.codebook, self.codes)
-
-
-def reconstruct(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Dense Ŵ from codebooks (r, gpr, k) and integer codes (r, c)."""
-    r, gpr, k = codebook.shape
-    c = codes.shape[1]
-    group_offset = (torch.arange(c, device=codes.device) // (c // gpr)) * k
-    return codebook.reshape(r, gpr * k).gather(1, codes.long() + group_offset)
-
-
-def check_bits_gpr(bits: int, gpr: int) -> None:
-    """Raise a one-line SketchError for bit widths or group counts no matrix can hold."""
-    if bits not in SUPPORTED_BITS:
-        raise SketchError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if gpr < 1:
-        raise SketchError(f"gpr must be a positive integer, got {gpr}")
-
-
-def check_sketch_args(shape: tuple[int, int], bits: int, gpr: int) -> None:
-    """Raise a one-line SketchError for bit widths or group counts this matrix cannot hold."""
-    check_bits_gpr(bits, gpr)
-    cols = shape[1]
-    if cols % gpr != 0:
-        raise SketchError(f"gpr={gpr} must be a positive divisor of the row length {cols}")
+    def dequantize(self) -> torch.Tensor:
+        """Dense Ŵ (r, c) — :func:`sketchtune.layout.dequantize_codes`."""
+        return dequantize_codes(self.codebook, self.codes)
 
 
 def prepare_hessian(
@@ -153,7 +129,7 @@ def sketch_weight(
     (see :mod:`sketchtune.sketch.refit`). ``codebook_fn`` defaults to weighted k-means; pass
     :func:`uniform_codebook` for GPTQ.
     """
-    check_sketch_args(tuple(weight.shape), bits, gpr)
+    check_layout(bits, gpr, weight.shape[1])
     W, H, U = prepare_hessian(weight, hessian, percdamp)
     r, c = W.shape
     k = 2**bits
@@ -184,8 +160,6 @@ def sketch_weight(
             W[:, i2:] -= err.T @ U[i1:i2, i2:]
 
     if refit:
-        from .refit import refit_codebooks
-
         codebook = refit_codebooks(W_orig, H, codes, codebook)
     return SketchResult(codebook=codebook, codes=codes)
 
@@ -198,7 +172,7 @@ def round_to_nearest(
     Without ``codebook`` the per-row-group uniform min/max grid is used (the classic RTN baseline); with one,
     this is the "nearest rounding with the same codebooks" reference the GPTQ-style mapping must beat.
     """
-    check_sketch_args(tuple(weight.shape), bits, gpr)
+    check_layout(bits, gpr, weight.shape[1])
     W = weight.detach().float()
     if not torch.isfinite(W).all():
         raise SketchError("weight contains NaN or Inf values; cannot sketch a non-finite matrix")

@@ -18,12 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import SketchError
-from ..hf_integration import SketchTuneConfig
-from ..modeling import find_decoder_layers, linear_modules
+from ..architecture import find_decoder_layers, linear_modules
+from ..hf_integration import SketchTuneConfig, attach_config, install_sketched
+from ..layout import check_layout
 from ..sketched_linear import SketchedLinear
 from .algorithm import (
     Importance,
-    check_sketch_args,
     output_error,
     round_to_nearest,
     sketch_weight,
@@ -199,7 +199,7 @@ def sketch_model(
         seqlen = context  # calibrate on windows the model can attend over, never beyond its context
     for lname, lin in linear_modules(layers[0]).items():
         try:
-            check_sketch_args((lin.out_features, lin.in_features), bits, gpr)
+            check_layout(bits, gpr, lin.in_features)
         except SketchError as e:
             raise SketchError(f"{lname}: {e}") from None
     dev = torch.device(device) if device else next(model.parameters()).device
@@ -246,12 +246,11 @@ def sketch_model(
                 except SketchError as e:
                     raise SketchError(f"{full}: {e}") from None
             if H is not None:
-                approx = result.reconstruct()
+                approx = result.dequantize()
                 denom = output_error(W, torch.zeros_like(approx), H)
                 report.module_errors[full] = output_error(W, approx, H) / max(denom, 1e-30)
-            new = SketchedLinear.from_codes(result.codebook, result.codes, bits, lin.bias, dtype=W.dtype)
-            parent_name, _, child = lname.rpartition(".")
-            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, new)
+            install_sketched(layer, {lname: SketchedLinear.from_codes(result.codebook, result.codes, bits, lin.bias,
+                                                                      dtype=W.dtype)})
             names.append(full)
         del collector
         if states is not None:
@@ -264,7 +263,7 @@ def sketch_model(
     report.seconds = time.perf_counter() - t0
     if dev.type == "cuda":
         report.peak_device_bytes = torch.cuda.max_memory_allocated(dev)
-    model.config.quantization_config = SketchTuneConfig(
+    attach_config(model, SketchTuneConfig(
         bits=bits, gpr=gpr, modules=names,
         s=s if method == "sketch" else None,
         importance=importance if method == "sketch" else None,
@@ -273,8 +272,5 @@ def sketch_model(
         calibration=None if method == "rtn" else {
             "source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "method": method,
         },
-    )
-    model.is_quantized = True
-    if getattr(model, "hf_quantizer", None) is not None:  # e.g. the GGUF loader's: the weights are ours now
-        model.hf_quantizer = None
+    ))
     return report

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import codebook_slots
+
 
 def refit_codebooks(
     weight: torch.Tensor,
@@ -28,7 +30,7 @@ def refit_codebooks(
     slots = gpr * k
     W = weight.float()
     H = hessian.float()
-    slot_of = codes.long() + (torch.arange(c, device=codes.device) // (c // gpr) * k)
+    slot_of = codebook_slots(codes, gpr, k)
     WH = W @ H
     out = torch.empty(r, slots, device=W.device)
     chunk = max(1, max_chunk_elems // (c * slots))

@@ -2,7 +2,7 @@
 
 A fine-tuned SketchTune model differs from its base only in its codebooks, so an adapter is one small
 safetensors file (``sketch_adapter.safetensors``: ``<module>.codebook`` tensors) plus ``sketch_adapter.json``
-(bits, GPR, module list and a fingerprint of the base's packed codes). Loading copies codebooks in place, so
+(module list and a fingerprint of the base's packed codes; the layout is the base's). Loading copies codebooks in place, so
 several adapters can be swapped over one base without reloading or re-unpacking the codes.
 """
 
@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import weight_files
 from ..errors import SketchError
 from ..sketched_linear import SketchedLinear
 
@@ -47,10 +48,9 @@ def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torc
     mods = sketched_modules(model)
     tensors = {f"{n}.codebook": m.codebook.detach().to(dtype or m.codebook.dtype).cpu().contiguous()
                for n, m in mods.items()}
-    first = next(iter(mods.values()))
     meta = {
-        "format": "sketchtune-adapter", "version": 1, "bits": first.bits, "gpr": first.gpr,
-        "modules": sorted(mods), "base_fingerprint": codes_fingerprint(model),
+        "format": "sketchtune-adapter", "version": 1, "modules": sorted(mods),
+        "base_fingerprint": codes_fingerprint(model),
     }
     tmp = out / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -64,8 +64,6 @@ def checkpoint_codes_fingerprint(path: str | os.PathLike, names: list[str]) -> s
 
     Reads only the ``<module>.weight`` tensors of ``names``, so it is cheap even for a Trainer checkpoint.
     """
-    from ..checkpoint import weight_files
-
     where: dict[str, Path] = {}
     for f in weight_files(Path(path)):
         if not f.is_file():

@@ -27,6 +27,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..checkpoint import save
 from ..errors import SketchError
 from .adapter import checkpoint_codes_fingerprint, codes_fingerprint, save_adapter, sketched_modules
 
@@ -190,8 +191,6 @@ def train_sketch(
         return metrics
     save_adapter(model, out)
     if save_full:
-        from ..checkpoint import save
-
         save(model, tokenizer, out / "full", overwrite=True)  # out/full is this run's own output
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     plot_loss_curve(metrics["log_history"], out / "loss_curve.png")

@@ -1,0 +1,166 @@
+"""The jobs the CLI runs, as library functions returning dataclasses: a Python user runs the same main job.
+
+``sketch_job`` is the whole main job (perplexity before, sketch, save, reload, perplexity after, describe,
+sample); ``train_job`` tokenizes data and fine-tunes codebooks with every check done before work starts;
+``eval_tasks_job`` scores downstream tasks. The CLI only parses arguments and prints what these return.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .bundled import BUNDLED_MODEL
+from .checkpoint import check_output_dir, load, save
+from .errors import SketchError
+from .eval.generate import generate
+from .eval.perplexity import perplexity
+from .eval.tasks import TASKS, evaluate_tasks, resolve_tasks, resolve_tasks_dir, task_file
+from .info import describe
+from .layout import check_layout
+from .modeling import load_for_eval, load_model, resolve_device
+from .prompts import DEFAULT_PROMPT
+from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
+from .train.data import build_dataset
+from .train.trainer import prepare_run_dir, resume_checkpoint, train_sketch
+
+Notify = Callable[[str], None]
+
+
+@dataclass
+class SketchJob:
+    """What the main job did: where from and to, the sketch report, perplexity before/after, sizes, a sample."""
+
+    source: str
+    out: Path
+    report: SketchReport
+    eval_seqlen: int
+    perplexity: dict[str, tuple[float, float]]  # text -> (before, after)
+    info: dict
+    prompt: str
+    sample: str
+
+
+def sketch_job(
+    model: str | None = None, out: str | os.PathLike | None = None, *, overwrite: bool = False, bits: int = 4,
+    gpr: int = 1, calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, method: str = "sketch",
+    s: float | None = None, importance: str | None = None, refit: bool = False, percdamp: float = 0.01,
+    dtype: str = "float16", device: str | None = None, seed: int = 0,
+    eval_data: tuple[str, ...] = ("wikitext2", "tinystories"), eval_seqlen: int = 256, eval_windows: int = 40,
+    prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True,
+) -> SketchJob:
+    """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost."""
+    check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
+    spec = model or str(BUNDLED_MODEL)
+    name = Path(spec).stem if model else "tinystories-656k"
+    out_dir = Path(out or f"sketched-{name}-int{bits}-gpr{gpr}")
+    check_output_dir(out_dir, overwrite)  # refuse before an expensive sketch, not after it
+    dev = resolve_device(device)
+    base, tok = load_model(spec, dtype=torch.float32, device=dev)
+    evals = [e for e in eval_data if e]
+
+    def ppl_row(m) -> tuple[list[float], int]:
+        results = [perplexity(m, tok, e, eval_seqlen, eval_windows, progress=False) for e in evals]
+        return [r.ppl for r in results], (results[0].seqlen if results else eval_seqlen)
+
+    before, used_seqlen = ppl_row(base)
+    base.to("cpu")
+    report = sketch_model(
+        base, tok, calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
+        s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
+        percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress,
+    )
+    base.config.quantization_config.source_model = spec
+    save(base, tok, out_dir, dtype=dtype, overwrite=overwrite)
+    sketched, _ = load(out_dir, dtype=torch.float32, device=dev)
+    after, _ = ppl_row(sketched)
+    return SketchJob(
+        source=spec, out=out_dir, report=report, eval_seqlen=used_seqlen,
+        perplexity={e: (b, a) for e, b, a in zip(evals, before, after)}, info=describe(out_dir), prompt=prompt,
+        sample=generate(sketched, tok, prompt, max_new_tokens=sample_tokens),
+    )
+
+
+@dataclass
+class TrainJob:
+    out: Path
+    metrics: dict
+    resumed_from: str | None
+    adapter: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = self.out / "sketch_adapter.safetensors"
+
+
+def train_job(
+    model: str, data: str, out: str | os.PathLike, *, eval_data: str | None = None, val_set_size: int = 0,
+    cutoff_len: int = 256, train_on_inputs: bool = False, resume: bool = False, overwrite: bool = False,
+    save_full: bool = False, device: str | None = None, notify: Notify | None = None, **training_args: Any,
+) -> TrainJob:
+    """Fine-tune the codebooks of the sketched checkpoint ``model`` on ``data`` into the run directory ``out``.
+
+    Every refusal (contradictory flags, a stale run directory, a resume against another base, bad data)
+    happens before training starts; ``notify`` hears which checkpoint a resumed run continues from.
+    """
+    if resume and overwrite:
+        raise SketchError("--resume and --overwrite contradict each other: continue the run, or start over")
+    if training_args.get("bf16") and training_args.get("fp16"):
+        raise SketchError("--bf16 and --fp16 exclude each other: pick one autocast precision")
+    dev = resolve_device(device)
+    sketched, tok = load(model, dtype="auto", device=dev)
+    if tok is None:
+        raise SketchError(f"{model} has no tokenizer files")
+    if resume:
+        ckpt: str | bool = resume_checkpoint(out, sketched)
+        if notify:
+            notify(f"resuming from {ckpt} (step {Path(ckpt).name.split('-')[-1]})")
+    else:
+        ckpt = False
+        prepare_run_dir(out, overwrite)
+    train_ds = build_dataset(data, tok, cutoff_len, train_on_inputs)
+    eval_ds = build_dataset(eval_data, tok, cutoff_len, train_on_inputs) if eval_data else None
+    if eval_ds is None and val_set_size > 0:
+        if val_set_size >= len(train_ds):
+            raise SketchError(f"--val-set-size {val_set_size} leaves no training examples of {len(train_ds)}")
+        split = train_ds.train_test_split(test_size=val_set_size, seed=training_args.get("seed", 42))
+        train_ds, eval_ds = split["train"], split["test"]
+    metrics = train_sketch(sketched, tok, train_ds, out, eval_ds, resume=ckpt, save_full=save_full,
+                           overwrite=overwrite, use_cpu=dev == "cpu", **training_args)
+    return TrainJob(out=Path(out), metrics=metrics, resumed_from=metrics["resumed_from"])
+
+
+def eval_tasks_job(
+    model: str, tasks: str, data_dir: str | None = None, *, adapter: str | None = None, limit: int | None = None,
+    batch_size: int = 8, mode: str = "generate", max_new_tokens: int | None = None, out: str | None = None,
+    device: str | None = None, notify: Notify | None = None, progress: bool = True,
+) -> dict:
+    """Accuracy on LLM-Adapters tasks; every task file is checked before a model is loaded."""
+    for flag, value in (("limit", limit), ("batch-size", batch_size), ("max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise SketchError(f"--{flag} must be ≥ 1, got {value}")
+    names = resolve_tasks(tasks)
+    generated = [n for n in names if TASKS[n].family != "commonsense"]
+    if mode == "likelihood" and generated and notify:
+        notify(f"note: likelihood scoring covers the commonsense sets only; falling back to generation for "
+               f"{', '.join(generated)}")
+    root = resolve_tasks_dir(data_dir)
+    for name in names:
+        task_file(name, root)
+    lm, tokenizer = load_for_eval(model, adapter, resolve_device(device))
+    results = evaluate_tasks(lm, tokenizer, names, root, limit=limit, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, mode=mode, progress=progress)
+    results["model"] = model
+    if adapter:
+        results["adapter"] = adapter
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
+    return results
