@@ -9,7 +9,7 @@ import sketchtune
 from sketchtune.architecture import find_decoder_layers
 from sketchtune.modeling import BUNDLED_MODEL, load_model
 from sketchtune.sketch.calibration import calibration_tokens
-from sketchtune.sketch.pipeline import collect_hessians
+from sketchtune.sketch.calibration import collect_hessians
 
 
 @pytest.fixture(scope="session")

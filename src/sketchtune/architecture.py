@@ -6,9 +6,15 @@ and the loaders can all use them without importing each other.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .errors import SketchError
+
+#: Modules that are one dense projection y = xWᵀ + b: ``nn.Linear``, and GPT-2-style ``Conv1D`` (W stored
+#: transposed, in × out). Both are sketched the same way.
+PROJECTIONS = (nn.Linear, Conv1D)
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -20,15 +26,46 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers):
-            if any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            if any(isinstance(m, PROJECTIONS) for m in module[0].modules()):
                 return name, module
     arch = type(model).__name__
     raise SketchError(f"unsupported architecture {arch}: no decoder layers with linear projections found")
 
 
-def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside one decoder layer, by its name relative to the layer."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+def linear_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """Every projection (``nn.Linear`` or ``Conv1D``) inside one decoder layer, by its name relative to the layer."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, PROJECTIONS)}
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The projection's weight as (out_features, in_features), whatever way the module stores it."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def projection_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a projection."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def unsketchable_matrices(layer: nn.Module, prefix: str = "") -> dict[str, str]:
+    """Weight matrices (≥ 2-D parameters) inside a decoder layer that no projection owns, with the reason."""
+    left = {}
+    for mod_name, module in layer.named_modules():
+        if isinstance(module, PROJECTIONS):
+            continue
+        for p_name, param in module.named_parameters(recurse=False):
+            if param.dim() < 2:
+                continue
+            if "router" in type(module).__name__.lower():
+                why = "mixture-of-experts router: kept dense (routing decisions are sensitive, and it is tiny)"
+            elif param.dim() == 3:
+                why = "fused mixture-of-experts tensor (experts x out x in): expert sketching is not supported yet"
+            else:
+                why = f"{param.dim()}-D parameter of {type(module).__name__}, not an nn.Linear / Conv1D"
+            left[f"{prefix}{mod_name + '.' if mod_name else ''}{p_name}"] = why
+    return left
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -217,6 +217,7 @@ def cmd_sketch(args) -> None:
           f"({info['compression_vs_fp16']:.2f}x smaller); checkpoint {_mb(info['dir_bytes_on_disk'])}")
     print(f"trainable parameters (codebooks): {info['trainable_params']:,}")
     print(f"mean relative layer-output error: {report.mean_error:.3e}")
+    _print_left_dense(report.left_dense)
     print(f"\nsample: {job.prompt!r} -> {job.sample!r}")
 
 
@@ -253,6 +254,16 @@ def cmd_info(args) -> None:
     ]
     for k, v in rows:
         print(f"{k:<36}{v}")
+    _print_left_dense(info["left_dense"])
+
+
+def _print_left_dense(left: dict[str, str]) -> None:
+    if not left:
+        print("every weight matrix inside the decoder layers is sketched")
+        return
+    print(f"left dense inside the decoder layers ({len(left)} matrices):")
+    for name, why in left.items():
+        print(f"  {name}: {why}")
 
 
 def cmd_train(args) -> None:

@@ -16,7 +16,7 @@ import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .architecture import set_submodule
+from .architecture import projection_shape, set_submodule
 from .errors import SketchError
 from .layout import FORMAT_VERSION, check_format_version, check_layout
 from .sketched_linear import SketchedLinear
@@ -30,7 +30,8 @@ class SketchTuneConfig(QuantizationConfigMixin):
 
     ``modules`` lists the full names of the sketched linears, all with ``bits`` / ``gpr``; ``format_version``
     is the :mod:`sketchtune.layout` version the codes are packed in. ``s``, ``importance``, ``refit``,
-    ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility.
+    ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility;
+    ``left_dense`` names every weight matrix inside the decoder layers that stayed dense, and why.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         refit: bool | None = None,
         calibration: dict[str, Any] | None = None,
         source_model: str | None = None,
+        left_dense: dict[str, str] | None = None,
         format_version: int | None = FORMAT_VERSION,
         version: str = __version__,
         **kwargs: Any,
@@ -58,6 +60,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         self.refit = refit
         self.calibration = calibration
         self.source_model = source_model
+        self.left_dense = dict(left_dense or {})
         self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.version = version
 
@@ -87,8 +90,9 @@ def replace_with_sketched(model: torch.nn.Module, config: SketchTuneConfig) -> N
             linear = model.get_submodule(name)
         except AttributeError:
             raise SketchError(f"corrupt checkpoint: sketched module {name!r} does not exist in this model") from None
+        in_features, out_features = projection_shape(linear)
         layers[name] = SketchedLinear(
-            linear.in_features, linear.out_features, config.bits, config.gpr, bias=linear.bias is not None,
+            in_features, out_features, config.bits, config.gpr, bias=linear.bias is not None,
             dtype=linear.weight.dtype, device=linear.weight.device,
         )
     install_sketched(model, layers)

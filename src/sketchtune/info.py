@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
+from .architecture import PROJECTIONS, projection_shape
 from .checkpoint import checkpoint_tensors, validate, weight_files
 
 BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
@@ -48,6 +51,7 @@ def describe(path: str | os.PathLike) -> dict:
         "refit": qc.get("refit"),
         "calibration": qc.get("calibration"),
         "source_model": qc.get("source_model"),
+        "left_dense": qc.get("left_dense") or {},
         "sketched_modules": len(qc["modules"]),
         "decoder_layers": len(layers),
         "sketched_weight_params": dense_params,
@@ -61,12 +65,11 @@ def describe(path: str | os.PathLike) -> dict:
 
 
 def _in_features(path: Path) -> dict[str, int]:
-    """Input width of every linear, from a weightless (meta-device) instance of the architecture."""
-    import torch
+    """Input width of every projection, from a weightless (meta-device) instance of the architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(path))
     config.quantization_config = None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {n: projection_shape(m)[0] for n, m in model.named_modules() if isinstance(m, PROJECTIONS)}

@@ -1,11 +1,26 @@
-"""Calibration batches: random token windows from a local corpus (GPTQ's C4 protocol, made reproducible)."""
+"""What the model sees during calibration: token windows, each decoder layer's exact inputs, and Hessians.
+
+* :func:`calibration_tokens` — random token windows from a local corpus (GPTQ's C4 protocol, made
+  reproducible);
+* :func:`capture_layer_inputs` — the hidden states entering the first decoder layer and, for *every* layer,
+  the other arguments the model itself passes it. Layers differ: Gemma-2/3, Qwen2/3 with sliding windows,
+  Cohere2, gpt-oss and any model with ``config.layer_types`` give sliding-window layers another attention
+  mask, and Gemma-3 its global layers other rotary embeddings, so reusing layer 0's arguments would
+  calibrate later layers on states the model never produces;
+* :class:`HessianCollector` / :func:`collect_hessians` — H = 2XXᵀ/n per linear, shared by linears that read
+  the same tensor.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
 
+from ..architecture import find_decoder_layers, linear_modules
 from ..errors import SketchError
 from ..text import read_text
 
@@ -26,3 +41,167 @@ def calibration_tokens(
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """Per batch: the hidden states entering layer 0, and per layer the other arguments the model passes it.
+
+    ``args[i][b]`` / ``kwargs[i][b]`` are what layer ``i`` receives with batch ``b`` besides its hidden states;
+    tensors the model shares between layers (a mask, rotary tables) are held once, by reference.
+    """
+
+    hidden: list[torch.Tensor]
+    args: list[list[tuple]]
+    kwargs: list[list[dict[str, Any]]]
+
+    def call(self, layer: nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run decoder layer ``index`` on every batch of ``hidden`` with the model's own arguments for it."""
+        return [layer_output(layer(h, *a, **k)) for h, a, k in zip(hidden, self.args[index], self.kwargs[index])]
+
+
+def layer_output(out) -> torch.Tensor:
+    """The hidden states of a decoder layer's return value (a tensor, or a tuple led by one)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def move_outside_layers(model: nn.Module, layers_prefix: str, device: torch.device | str) -> None:
+    """Move every parameter and buffer that is not inside the decoder layers (embeddings, norms, rotary)."""
+    for name, module in model.named_modules():
+        if name == layers_prefix or name.startswith(layers_prefix + "."):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None:
+                p.data = p.data.to(device)
+        for key, b in module._buffers.items():
+            if b is not None:
+                module._buffers[key] = b.to(device)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str) -> LayerInputs:
+    """Run the model's own forward over ``batches`` with every decoder layer stood in for by a recorder.
+
+    Each recorder keeps the arguments the model passes its layer and hands the hidden states on unchanged, so
+    the model computes every layer's masks and position embeddings exactly as it would, without running any
+    layer's weights (and with the decoder layers left where they are). The last recorder stops the forward
+    before the LM head. Layer 0 runs once for real, to learn whether layers return a tensor or a tuple.
+    """
+    prefix, layers = find_decoder_layers(model)
+    n = len(layers)
+    hidden: list[torch.Tensor] = []
+    args: list[list[tuple]] = [[] for _ in range(n)]
+    kwargs: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    returns_tuple: list[bool] = []
+
+    def recorder(i: int, layer: nn.Module):
+        real_forward = layer.forward
+
+        def record(*a, **kw):
+            h = a[0] if a else kw.pop("hidden_states")
+            if isinstance(h, (tuple, list)):
+                h = h[0]
+            kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if i == 0:
+                hidden.append(h)
+                if not returns_tuple:
+                    layer.to(device)
+                    returns_tuple.append(isinstance(real_forward(h, *a[1:], **kw), (tuple, list)))
+                    layer.to(home)
+            args[i].append(tuple(a[1:]))
+            kwargs[i].append(kw)
+            if i == n - 1:
+                raise _StopForward
+            return (h,) if returns_tuple[0] else h
+
+        return record
+
+    home = next(layers[0].parameters()).device
+    move_outside_layers(model, prefix, device)
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i, layer)
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        move_outside_layers(model, prefix, home)
+    if any(len(a) != len(hidden) for a in args):
+        raise SketchError("the model's forward did not call every decoder layer once per batch; "
+                          "unsupported architecture for layer-by-layer calibration")
+    return LayerInputs(hidden=hidden, args=args, kwargs=kwargs)
+
+
+class HessianCollector:
+    """Forward hooks accumulating Σ xxᵀ per group of linears that read the same input tensor."""
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.leader: dict[str, str] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self._seen: list[tuple[torch.Tensor, str]] = []
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if name not in self.leader:
+                self.leader[name] = next((lead for t, lead in self._seen if t is x), name)
+            if self.leader[name] != name:
+                return
+            self._seen.append((x, name))
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(flat.shape[1], flat.shape[1], device=flat.device)
+                self.counts[name] = 0
+            self.sums[name].addmm_(flat.T, flat)
+            self.counts[name] += flat.shape[0]
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._seen.clear()  # drop the references that kept input tensors (and their identities) alive
+
+    def hessian(self, name: str) -> torch.Tensor:
+        lead = self.leader[name]
+        return self.sums[lead] * (2.0 / self.counts[lead])
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """Every linear's H; linears that read the same input get the very same tensor object."""
+        shared = {lead: self.sums[lead] * (2.0 / self.counts[lead]) for lead in self.sums}
+        return {name: shared[lead] for name, lead in self.leader.items()}
+
+
+def collect_hessians(
+    module: nn.Module, batches: Iterable, forward: Callable[[Any], Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """H = 2XXᵀ/n (fp32) for every ``nn.Linear`` inside ``module``, keyed by name relative to ``module``.
+
+    Each batch is run as ``forward(batch)`` (default ``module(batch)``), so the hooked module may sit inside a
+    larger model that ``forward`` calls. Linears fed the same tensor (q/k/v, gate/up) share one Hessian: the
+    returned dict maps them to the identical tensor.
+    """
+    collector = HessianCollector(linear_modules(module))
+    run = forward or module
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run(batch)
+                collector.end_batch()
+    finally:
+        collector.close()
+    return collector.hessians()
+
+

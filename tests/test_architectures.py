@@ -1,0 +1,162 @@
+"""Any Hugging Face causal LM: tiny random-weight models of many architecture families.
+
+Random weights are fine here: what is checked is plumbing that does not depend on what the weights say —
+every layer is calibrated on the inputs the model itself gives it, every projection inside the decoder layers
+is sketched (or reported as left dense, with the reason), and ``from_pretrained`` rebuilds the exact model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sketchtune
+from sketchtune.architecture import PROJECTIONS, find_decoder_layers
+from sketchtune.bundled import BUNDLED_MODEL
+from sketchtune.sketch.calibration import calibration_tokens, capture_layer_inputs
+from sketchtune.sketched_linear import SketchedLinear
+
+VOCAB = 2048  # the bundled tokenizer's
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama": ("LlamaConfig", COMMON),
+    "mistral": ("MistralConfig", {**COMMON, "sliding_window": 16}),
+    "qwen2": ("Qwen2Config", {**COMMON, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {**COMMON, "head_dim": 16, "layer_types": ["full_attention", "sliding_attention",
+                                                                          "full_attention"],
+                              "use_sliding_window": True, "sliding_window": 16}),
+    "phi3": ("Phi3Config", {**COMMON, "num_key_value_heads": 4, "pad_token_id": 0}),
+    "gemma": ("GemmaConfig", {**COMMON, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**COMMON, "head_dim": 16, "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", {**COMMON, "head_dim": 16, "sliding_window": 16, "num_hidden_layers": 4,
+                                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention",
+                                                    "full_attention"], "rope_local_base_freq": 100.0}),
+    "olmo2": ("Olmo2Config", COMMON),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=256)),
+    "gpt_neox": ("GPTNeoXConfig", {**COMMON, "num_key_value_heads": 4}),
+    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=3,
+                              num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)),
+    "falcon": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    new_decoder_architecture=True, num_kv_heads=2)),
+    "stablelm": ("StableLmConfig", {**COMMON, "num_key_value_heads": 4}),
+}
+#: Models whose layers differ from each other (sliding vs global attention, other rotary bases).
+HETEROGENEOUS = ("qwen2", "qwen3", "gemma2", "gemma3")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP barriers, which cost seconds when a core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(name: str) -> torch.nn.Module:
+    cls_name, kwargs = CONFIGS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # random init is tiny; make attention and residuals matter
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(BUNDLED_MODEL)
+
+
+def projection_count(model) -> int:
+    _, layers = find_decoder_layers(model)
+    return sum(isinstance(m, PROJECTIONS) for layer in layers for m in layer.modules())
+
+
+@pytest.mark.parametrize("name", HETEROGENEOUS + ("llama", "gpt2", "falcon"))
+def test_propagated_states_equal_the_models_own(name, tok):
+    """Layer by layer with the captured arguments reproduces the model's own hidden states (no sketching)."""
+    model = build(name)
+    ids = calibration_tokens(tok, "c4", nsamples=2, seqlen=64, seed=0)
+    inputs = capture_layer_inputs(model, [ids], "cpu")
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        hidden = inputs.hidden
+        torch.testing.assert_close(hidden[0], expected[0])
+        for i in range(len(layers) - 1):
+            hidden = inputs.call(layers[i], i, hidden)
+            err = (hidden[0] - expected[i + 1]).norm() / expected[i + 1].norm()
+            assert err < 1e-5, f"{name}: layer {i + 1} input off by {err:.2e}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sketch_save_reload_every_family(name, tok, tmp_path):
+    model = build(name)
+    n_proj = projection_count(model)
+    prefix, _ = find_decoder_layers(model)
+    sketched = copy.deepcopy(model)
+    report = sketchtune.sketch_model(sketched, tok, calib="c4", nsamples=4, seqlen=64, bits=4, gpr=1,
+                                     progress=False)
+    n_sketched = sum(isinstance(m, SketchedLinear) for m in sketched.modules())
+    assert n_sketched == n_proj == len(report.module_errors) and not report.left_dense
+    assert not any(isinstance(m, PROJECTIONS) for m in sketched.get_submodule(prefix).modules())
+    sketchtune.save(sketched, tok, tmp_path / name, dtype="float32")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+    ids = torch.arange(5, 45)[None]
+    with torch.no_grad():
+        dense, ours, loaded = model(ids).logits, sketched(ids).logits, reloaded(ids).logits
+    assert torch.equal(ours, loaded)
+    assert torch.isfinite(ours).all() and not torch.equal(ours, dense)
+    # Random Gaussian rows at INT4: each layer's calibration output error is a few 1e-3 (measured ≤ 1.2e-2).
+    assert max(report.module_errors.values()) < 0.03, f"{name}: {max(report.module_errors.values()):.3g}"
+
+
+def test_moe_experts_reported_as_dense(tok):
+    """Fused 3-D expert tensors are not sketched yet: the summary and the config say so, per tensor."""
+    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    report = sketchtune.sketch_model(model, tok, calib="c4", nsamples=2, seqlen=32, progress=False)
+    assert report.left_dense and all("mixture-of-experts" in why for why in report.left_dense.values())
+    assert model.config.quantization_config.left_dense == report.left_dense
+    experts = [n for n, why in report.left_dense.items() if "expert sketching is not supported" in why]
+    routers = [n for n, why in report.left_dense.items() if "router" in why]
+    assert len(experts) == 2 * 3 and len(routers) == 3  # gate_up_proj + down_proj per layer; one router each
+    assert sum(isinstance(m, SketchedLinear) for m in model.modules()) == 4 * 3  # attention projections
+
+
+def test_info_lists_what_stayed_dense(tok, tmp_path, capsys):
+    from sketchtune.cli import main
+
+    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    sketchtune.sketch_model(model, tok, method="rtn", progress=False)
+    sketchtune.save(model, tok, tmp_path / "moe")
+    assert main(["info", str(tmp_path / "moe")]) == 0
+    out = capsys.readouterr().out
+    assert "left dense inside the decoder layers (9 matrices)" in out
+    assert "model.layers.2.mlp.experts.down_proj: fused mixture-of-experts tensor" in out
+
+
+def test_gpt2_conv1d_is_sketched_through_the_cli(tok, tmp_path, capsys):
+    from sketchtune.cli import main
+
+    build("gpt2").save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    code = main(["sketch", str(tmp_path / "gpt2"), "--out", str(tmp_path / "sk"), "--eval-data", "",
+                 "--nsamples", "2", "--seqlen", "32"])
+    out = capsys.readouterr().out
+    assert code == 0 and "every weight matrix inside the decoder layers is sketched" in out
+    assert main(["info", str(tmp_path / "sk"), "--json"]) == 0
+    info = __import__("json").loads(capsys.readouterr().out)
+    assert info["sketched_modules"] == 4 * 3 and info["left_dense"] == {}
