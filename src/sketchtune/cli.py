@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("model", nargs="?", default=None, help="HF directory, .gguf file or hub id (default: bundled)")
     sk.add_argument("--out", default=None, help="output directory (default: ./sketched-<model>-int<bits>-gpr<gpr>)")
     sk.add_argument("--overwrite", action="store_true", help="replace an existing sketched checkpoint at --out")
+    sk.add_argument("--resume", action="store_true",
+                    help="continue a killed sketch into --out after its last finished layer (same settings)")
     sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")
     sk.add_argument("--gpr", type=int, default=1, help="groups per row; must divide every row length")
     sk.add_argument("--calib", default="c4", help="calibration text: .txt/.jsonl/.json or the bundled 'c4'")
@@ -204,7 +206,7 @@ def cmd_sketch(args) -> None:
         nsamples=args.nsamples, seqlen=args.seqlen, method=args.method, s=args.s, importance=args.importance,
         refit=args.refit, percdamp=args.percdamp, dtype=args.dtype, device=args.device, seed=args.seed,
         eval_data=tuple(args.eval_data.split(",")), eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
-        prompt=args.prompt,
+        prompt=args.prompt, resume=args.resume,
     )
     info, report = job.info, job.report
     print(f"\nSketched {job.source} -> {job.out}  ({report.method}, INT{report.bits}, GPR {report.gpr}, "
@@ -377,7 +379,8 @@ def interrupted_message(args) -> str:
                     f"sketchtune train {args.model} --out {args.out} --resume")
         return "interrupted before the first checkpoint was written; nothing to resume"
     if args.command == "sketch":
-        return "interrupted; nothing was written (any previous checkpoint at --out is unchanged)"
+        return ("interrupted; no checkpoint was written (any previous one at --out is unchanged); finished "
+                "layers are kept: continue with the same command and --resume")
     return "interrupted"
 
 

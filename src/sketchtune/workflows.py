@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,12 @@ from .train.trainer import prepare_run_dir, resume_checkpoint, train_sketch
 Notify = Callable[[str], None]
 
 
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where a sketch into ``out`` keeps its finished layers until the checkpoint is written."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
 @dataclass
 class SketchJob:
     """What the main job did: where from and to, the sketch report, perplexity before/after, sizes, a sample."""
@@ -50,16 +57,28 @@ def sketch_job(
     model: str | None = None, out: str | os.PathLike | None = None, *, overwrite: bool = False, bits: int = 4,
     gpr: int = 1, calib: str = "c4", nsamples: int = 128, seqlen: int = 2048, method: str = "sketch",
     s: float | None = None, importance: str | None = None, refit: bool = False, percdamp: float = 0.01,
-    dtype: str = "float16", device: str | None = None, seed: int = 0,
+    dtype: str = "float16", device: str | None = None, seed: int = 0, resume: bool = False,
     eval_data: tuple[str, ...] = ("wikitext2", "tinystories"), eval_seqlen: int = 256, eval_windows: int = 40,
     prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True,
 ) -> SketchJob:
-    """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost."""
+    """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost.
+
+    Finished layers are kept in ``.<out>.partial`` beside ``out`` until the checkpoint is saved, so a killed run
+    continues with ``resume=True`` (``--resume``) after its last finished layer.
+    """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
     spec = model or str(BUNDLED_MODEL)
     name = Path(spec).stem if model else "tinystories-656k"
     out_dir = Path(out or f"sketched-{name}-int{bits}-gpr{gpr}")
     check_output_dir(out_dir, overwrite)  # refuse before an expensive sketch, not after it
+    partial = partial_dir(out_dir)
+    if partial.exists() and not resume:
+        if not overwrite:
+            raise SketchError(f"a partial sketch for {out_dir} is at {partial}: pass --resume to continue it, "
+                              "or --overwrite to start over")
+        shutil.rmtree(partial)
+    if resume and not (partial / "progress.json").is_file():
+        raise SketchError(f"--resume: no partial sketch for {out_dir} (expected {partial})")
     dev = resolve_device(device)
     base, tok = load_model(spec, dtype=torch.float32, device=dev)
     evals = [e for e in eval_data if e]
@@ -73,10 +92,12 @@ def sketch_job(
     report = sketch_model(
         base, tok, calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
         s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
-        percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress,
+        percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress, progress_dir=partial,
+        resume=resume,
     )
     base.config.quantization_config.source_model = spec
     save(base, tok, out_dir, dtype=dtype, overwrite=overwrite)
+    shutil.rmtree(partial, ignore_errors=True)  # the checkpoint is complete: the per-layer copies are redundant
     sketched, _ = load(out_dir, dtype=torch.float32, device=dev)
     after, _ = ppl_row(sketched)
     return SketchJob(

@@ -9,6 +9,7 @@ forward rather than from a per-architecture name table.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,6 +37,7 @@ from .algorithm import (
     uniform_codebook,
 )
 from .calibration import HessianCollector, LayerInputs, calibration_tokens, capture_layer_inputs
+from .progress import SketchProgress
 
 Method = Literal["sketch", "gptq", "rtn"]
 
@@ -80,10 +82,14 @@ def sketch_model(
     device: str | torch.device | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    progress_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> SketchReport:
     """Replace every linear inside the decoder layers of ``model`` by a :class:`SketchedLinear`, in place.
 
-    ``seqlen`` is capped at the model's context (``max_position_embeddings``).
+    ``seqlen`` is capped at the model's context (``max_position_embeddings``). With ``progress_dir`` every
+    finished layer is written there (:mod:`.progress`), and ``resume=True`` continues a killed run after its
+    last finished layer with a result identical to an uninterrupted run.
 
     ``method="sketch"`` is SketchTune; ``"gptq"`` the same loop with a uniform grid; ``"rtn"`` plain rounding
     to a uniform grid (needs no calibration). Embeddings and the LM head are never touched.
@@ -100,6 +106,15 @@ def sketch_model(
                 check_layout(bits, gpr, projection_shape(lin)[0])
             except SketchError as e:
                 raise SketchError(f"{prefix}.{i}.{lname}: {e}") from None
+    tracker = None
+    if progress_dir is not None:
+        settings = {"bits": bits, "gpr": gpr, "method": method, "calib": str(calib), "nsamples": nsamples,
+                    "seqlen": seqlen, "seed": seed, "s": s, "importance": importance, "refit": refit,
+                    "percdamp": percdamp, "blocksize": blocksize, "batch_size": batch_size, "layers": len(layers),
+                    "source_model": getattr(model, "name_or_path", None) or None}
+        tracker = (SketchProgress.resume if resume else SketchProgress)(progress_dir, settings)
+    elif resume:
+        raise SketchError("resume=True needs the progress_dir of the run to continue")
     dev = torch.device(device) if device else next(model.parameters()).device
     home = next(model.parameters()).device
     report = SketchReport(method=method, bits=bits, gpr=gpr)
@@ -119,9 +134,23 @@ def sketch_model(
 
     bar = tqdm(range(len(layers)), desc=f"{method} {bits}-bit gpr{gpr}", disable=not progress, unit="layer")
     for i in bar:
-        layer = layers[i].to(dev)
+        layer = layers[i]
+        if tracker is not None and i in tracker.done:  # finished before the interruption: reuse, don't redo
+            done = tracker.done[i]
+            install_sketched(layer, tracker.load_layer(i, layer, bits))
+            names.extend(f"{prefix}.{i}.{n}" for n in done["modules"])
+            report.module_errors.update(done["errors"])
+            left_dense.update(done["left_dense"])
+            if inputs is not None:
+                with torch.no_grad():
+                    hidden = inputs.call(layer.to(dev), i, hidden)
+            layers[i] = layer.to(home)
+            continue
+        layer = layer.to(dev)
         linears = linear_modules(layer)
-        left_dense.update(unsketchable_matrices(layer, f"{prefix}.{i}."))
+        layer_errors: dict[str, float] = {}
+        layer_left = unsketchable_matrices(layer, f"{prefix}.{i}.")
+        left_dense.update(layer_left)
         collector = HessianCollector(linears) if inputs is not None else None
         if collector is not None:
             with torch.no_grad():
@@ -147,7 +176,7 @@ def sketch_model(
             if H is not None:
                 approx = result.dequantize()
                 denom = output_error(W, torch.zeros_like(approx), H)
-                report.module_errors[full] = output_error(W, approx, H) / max(denom, 1e-30)
+                layer_errors[full] = output_error(W, approx, H) / max(denom, 1e-30)
             install_sketched(layer, {lname: SketchedLinear.from_codes(result.codebook, result.codes, bits, lin.bias,
                                                                       dtype=W.dtype)})
             names.append(full)
@@ -155,6 +184,9 @@ def sketch_model(
         if inputs is not None:
             with torch.no_grad():
                 hidden = inputs.call(layer, i, hidden)
+        report.module_errors.update(layer_errors)
+        if tracker is not None:
+            tracker.save_layer(i, layer, layer_errors, layer_left)
         layers[i] = layer.to(home)
         if report.module_errors:
             bar.set_postfix(err=f"{report.mean_error:.2e}")

@@ -1,0 +1,102 @@
+"""Resumable sketching: every finished decoder layer is written to disk, so a killed run loses at most one.
+
+A run with a ``progress_dir`` writes, after each layer, ``layer-NNNNN.safetensors`` (that layer's packed codes,
+fp32 codebooks and biases — exactly what the in-memory layer holds) and then ``progress.json`` (the run's
+settings, the finished layers, their errors and what stayed dense), each atomically. Resuming checks the
+settings match, installs the finished layers, re-captures the calibration inputs (deterministic) and runs
+them through the finished layers instead of re-sketching them, so the result is identical to an uninterrupted
+run. Safetensors + JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..architecture import projection_shape
+from ..errors import SketchError
+from ..sketched_linear import SketchedLinear
+
+PROGRESS = "progress.json"
+
+
+class SketchProgress:
+    """The finished layers of one sketching run in ``root`` (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike, settings: dict[str, Any]):
+        self.root = Path(root)
+        self.settings = settings
+        self.done: dict[int, dict] = {}  # layer index -> {"errors": {...}, "left_dense": {...}, "modules": [...]}
+
+    @classmethod
+    def resume(cls, root: str | os.PathLike, settings: dict[str, Any]) -> "SketchProgress":
+        """The progress in ``root``; refuses one made with other settings (its layers would not fit)."""
+        root = Path(root)
+        path = root / PROGRESS
+        if not path.is_file():
+            raise SketchError(f"--resume: no partial sketch to resume at {root}")
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SketchError(f"--resume: {path} is not valid JSON ({e.msg})") from None
+        differ = {k: (saved["settings"].get(k), v) for k, v in settings.items() if saved["settings"].get(k) != v}
+        if differ:
+            what = ", ".join(f"{k} {old!r} vs {new!r}" for k, (old, new) in differ.items())
+            raise SketchError(f"--resume: the partial sketch at {root} was made with other settings ({what})")
+        progress = cls(root, settings)
+        progress.done = {int(k): v for k, v in saved["done"].items()}
+        for i in progress.done:
+            if not (root / _layer_file(i)).is_file():
+                raise SketchError(f"--resume: {root / _layer_file(i)} is missing; start over with --overwrite")
+        return progress
+
+    def save_layer(self, index: int, layer: torch.nn.Module, errors: dict[str, float], left: dict[str, str]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        mods = {n: m for n, m in layer.named_modules() if isinstance(m, SketchedLinear)}
+        tensors = {}
+        for name, m in mods.items():
+            tensors[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
+            tensors[f"{name}.codebook"] = m.codebook.detach().cpu().contiguous()
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.detach().cpu().contiguous()
+        tmp = self.root / (_layer_file(index) + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(self.root / _layer_file(index))
+        self.done[index] = {"modules": list(mods), "errors": errors, "left_dense": left}
+        payload = {"settings": self.settings, "done": {str(k): v for k, v in sorted(self.done.items())}}
+        tmp = self.root / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(self.root / PROGRESS)
+
+    def load_layer(self, index: int, layer: torch.nn.Module, bits: int) -> dict[str, SketchedLinear]:
+        """The finished layer's ``SketchedLinear`` modules (by name relative to the layer), exactly as saved."""
+        tensors = load_file(str(self.root / _layer_file(index)))
+        built = {}
+        for name in self.done[index]["modules"]:
+            original = layer.get_submodule(name)
+            codebook = tensors[f"{name}.codebook"]
+            out, gpr, _ = codebook.shape
+            new = SketchedLinear(projection_shape(original)[0], out, bits, gpr, bias=f"{name}.bias" in tensors, dtype=codebook.dtype,
+                                 device=codebook.device)
+            with torch.no_grad():
+                new.weight.copy_(tensors[f"{name}.weight"])
+                new.codebook.copy_(codebook)
+                if new.bias is not None:
+                    new.bias.copy_(tensors[f"{name}.bias"])
+            built[name] = new
+        return built
+
+    def remove(self) -> None:
+        """Delete the progress directory (only files this class wrote are in it)."""
+        if self.root.is_dir():
+            shutil.rmtree(self.root)
+
+
+def _layer_file(index: int) -> str:
+    return f"layer-{index:05d}.safetensors"
