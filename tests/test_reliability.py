@@ -378,6 +378,6 @@ def test_threads_option(capsys, sketched_dir):
     code, out, _ = run(capsys, "ppl", sketched_dir, "--data", "tinystories", "--seqlen", "64", "--max-windows", "1",
                        "--threads", "1")
     assert code == 0 and torch.get_num_threads() == before  # restored after the command
-    from sketchtune.cli import free_cores
+    from sketchtune.threads import free_cores
 
     assert 1 <= free_cores() <= os.cpu_count()

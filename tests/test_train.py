@@ -1,7 +1,6 @@
 """Codebook fine-tuning on the real sketched TinyStories-656K: what trains, that it learns, resume, adapters."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

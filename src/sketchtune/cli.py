@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from .errors import SketchError
 from .prompts import DEFAULT_PROMPT
+from .threads import free_cores
 
 
 
@@ -167,33 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def free_cores(sample_seconds: float = 0.1) -> int:
-    """Cores of this process's CPU set that no other work keeps busy, from two /proc/stat samples.
-
-    torch defaults to one thread per core; when another job holds a core, those threads oversubscribe it and
-    every parallel region waits for the slowest (the default sketch took 9× longer with one of two cores busy).
-    """
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-    def snapshot() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = snapshot()
-        time.sleep(sample_seconds)
-        total1, idle1 = snapshot()
-    except (OSError, ValueError, IndexError):
-        return n
-    machine = os.cpu_count() or n
-    busy = (1 - (idle1 - idle0) / max(1, total1 - total0)) * machine
-    return max(1, min(n, n - round(busy)))
-
-
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -286,15 +259,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .eval.generate import generate
-    from .modeling import load_for_eval, resolve_device
-    from .prompts import format_prompt
+    from .workflows import generate_job
 
-    if args.input and args.template == "none":
-        raise SketchError("--input is the record's input field: use it with --template alpaca")
-    model, tok = load_for_eval(args.model, args.adapter, resolve_device(args.device))
-    prompt = format_prompt(args.prompt, args.input) if args.template == "alpaca" else args.prompt
-    text = generate(model, tok, prompt, args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.seed)
+    prompt, text = generate_job(
+        args.model, args.prompt, adapter=args.adapter, template=args.template, input=args.input,
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_p=args.top_p, seed=args.seed, device=args.device,
+    )
     print(prompt + text)
 
 

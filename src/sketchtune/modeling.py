@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .architecture import find_decoder_layers, linear_modules  # noqa: F401  (re-exported for users)
 from .bundled import BUNDLED_MODEL, BUNDLED_TEXT  # noqa: F401  (re-exported for users)

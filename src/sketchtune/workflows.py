@@ -25,7 +25,7 @@ from .eval.tasks import TASKS, evaluate_tasks, resolve_tasks, resolve_tasks_dir,
 from .info import describe
 from .layout import check_layout
 from .modeling import load_for_eval, load_model, resolve_device
-from .prompts import DEFAULT_PROMPT
+from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
 from .train.data import build_dataset
 from .train.trainer import prepare_run_dir, resume_checkpoint, train_sketch
@@ -185,3 +185,18 @@ def eval_tasks_job(
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         os.replace(tmp, path)
     return results
+
+
+def generate_job(
+    model: str, prompt: str = DEFAULT_PROMPT, *, adapter: str | None = None, template: str = "none",
+    input: str = "", max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,  # noqa: A002
+    top_p: float = 1.0, seed: int = 0, device: str | None = None,
+) -> tuple[str, str]:
+    """``(prompt as the model saw it, continuation)``; ``template="alpaca"`` asks as ``train`` trained it."""
+    if template not in ("none", "alpaca"):
+        raise SketchError(f"template must be 'none' or 'alpaca', got {template!r}")
+    if input and template == "none":
+        raise SketchError("--input is the record's input field: use it with --template alpaca")
+    lm, tok = load_for_eval(model, adapter, resolve_device(device))
+    text = format_prompt(prompt, input) if template == "alpaca" else prompt
+    return text, generate(lm, tok, text, max_new_tokens, do_sample, temperature, top_p, seed)
