@@ -120,18 +120,92 @@ def test_sketch_save_reload_every_family(name, tok, tmp_path):
     assert max(report.module_errors.values()) < 0.03, f"{name}: {max(report.module_errors.values()):.3g}"
 
 
-def test_moe_experts_reported_as_dense(tok):
-    """Fused 3-D expert tensors are not sketched yet: the summary and the config say so, per tensor."""
-    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+MOE = {
+    "mixtral": ("MixtralConfig", {**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {**COMMON, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+}
+
+
+def build_moe(name: str) -> torch.nn.Module:
+    cls_name, kwargs = MOE[name]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    report = sketchtune.sketch_model(model, tok, calib="c4", nsamples=2, seqlen=32, progress=False)
-    assert report.left_dense and all("mixture-of-experts" in why for why in report.left_dense.values())
-    assert model.config.quantization_config.left_dense == report.left_dense
-    experts = [n for n, why in report.left_dense.items() if "expert sketching is not supported" in why]
-    routers = [n for n, why in report.left_dense.items() if "router" in why]
-    assert len(experts) == 2 * 3 and len(routers) == 3  # gate_up_proj + down_proj per layer; one router each
-    assert sum(isinstance(m, SketchedLinear) for m in model.modules()) == 4 * 3  # attention projections
+    model = AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_every_expert_matrix_sketched(name, tok, tmp_path):
+    from sketchtune.experts import SketchedExperts
+
+    model = build_moe(name)
+    n_linear = projection_count(model)  # attention projections (the router is not a projection)
+    experts = model.config.num_local_experts if name == "mixtral" else model.config.num_experts
+    sketched = copy.deepcopy(model)
+    report = sketchtune.sketch_model(sketched, tok, calib="c4", nsamples=8, seqlen=64, progress=False)
+    n_sketched = sum(isinstance(m, SketchedLinear) for m in sketched.modules())
+    assert n_sketched == n_linear + 3 * 2 * experts  # + gate_up and down of every expert of every layer
+    assert sum(isinstance(m, SketchedExperts) for m in sketched.modules()) == 3
+    assert set(report.left_dense) == {f"model.layers.{i}.mlp.gate.weight" for i in range(3)}  # routers only
+    assert all("router" in why for why in report.left_dense.values())
+    sketchtune.save(sketched, tok, tmp_path / name, dtype="float32")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
+    ids = torch.arange(5, 45)[None]
+    with torch.no_grad():
+        ours, loaded, dense = sketched(ids).logits, reloaded(ids).logits, model(ids).logits
+    assert torch.equal(ours, loaded) and not torch.equal(ours, dense)
+    assert max(report.module_errors.values()) < 0.05
+    info = __import__("sketchtune.info", fromlist=["describe"]).describe(tmp_path / name)
+    assert info["sketched_modules"] == n_sketched
+
+
+def test_sketched_experts_forward_is_the_eager_experts_loop(tok):
+    """SketchedExperts computes what transformers' experts module computes with Ŵ in place of W."""
+    model = build_moe("mixtral")
+    original = copy.deepcopy(model.model.layers[0].mlp.experts)
+    sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, progress=False)
+    ours = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        for e in range(ours.num_experts):
+            original.gate_up_proj[e] = ours.gate_up_proj[e].dequantize()
+            original.down_proj[e] = ours.down_proj[e].dequantize()
+        x = torch.randn(10, 64)
+        index = torch.tensor([[0, 1], [2, 3], [1, 2], [0, 3], [3, 1], [2, 0], [1, 0], [3, 2], [0, 2], [1, 3]])
+        weights = torch.rand(10, 2)
+        torch.testing.assert_close(ours(x, index, weights), original(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_fallback_and_codebook_training(tok, tmp_path):
+    """Experts with too few routed tokens fall back (and are reported); training moves only codebooks."""
+    from sketchtune.train.trainer import prepare_for_training
+
+    model = build_moe("mixtral")
+    report = sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=32, progress=False,
+                                     min_expert_tokens=10**6)
+    assert len(report.expert_fallbacks) == 3 * 4 and all(isinstance(n, int) for n in report.expert_fallbacks.values())
+    assert all(v < 0.2 for v in report.module_errors.values())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_training(model)
+    model.train()
+    ids = torch.arange(5, 37)[None]
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed and all(k.endswith(".codebook") for k in changed)
+    assert any(".experts.down_proj." in k for k in changed)
+    model.save_pretrained(tmp_path / "plain")  # transformers' own save (as Trainer checkpoints use) works too
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_info_lists_what_stayed_dense(tok, tmp_path, capsys):
@@ -144,8 +218,8 @@ def test_info_lists_what_stayed_dense(tok, tmp_path, capsys):
     sketchtune.save(model, tok, tmp_path / "moe")
     assert main(["info", str(tmp_path / "moe")]) == 0
     out = capsys.readouterr().out
-    assert "left dense inside the decoder layers (9 matrices)" in out
-    assert "model.layers.2.mlp.experts.down_proj: fused mixture-of-experts tensor" in out
+    assert "left dense inside the decoder layers (3 matrices)" in out  # the routers
+    assert "model.layers.2.mlp.gate.weight: mixture-of-experts router" in out
 
 
 def test_gpt2_conv1d_is_sketched_through_the_cli(tok, tmp_path, capsys):

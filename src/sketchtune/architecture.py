@@ -11,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import SketchError
+from .sketched_linear import SketchedLinear
 
 #: Modules that are one dense projection y = xWᵀ + b: ``nn.Linear``, and GPT-2-style ``Conv1D`` (W stored
 #: transposed, in × out). Both are sketched the same way.
@@ -49,11 +50,27 @@ def projection_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def is_fused_experts(module: nn.Module) -> bool:
+    """A Mixtral-style experts module: 3-D ``gate_up_proj`` and ``down_proj``, an ``act_fn``, no biases."""
+    gu, dn = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3):
+        return False
+    experts, two_inter, hidden = gu.shape
+    shapes_fit = dn.shape == (experts, hidden, two_inter // 2) and two_inter % 2 == 0
+    biased = any("bias" in n for n, _ in module.named_parameters(recurse=False))
+    return shapes_fit and hasattr(module, "act_fn") and not biased
+
+
+def fused_expert_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """Mixture-of-experts modules with fused 3-D expert tensors inside one decoder layer, by relative name."""
+    return {name: m for name, m in layer.named_modules() if is_fused_experts(m)}
+
+
 def unsketchable_matrices(layer: nn.Module, prefix: str = "") -> dict[str, str]:
     """Weight matrices (≥ 2-D parameters) inside a decoder layer that no projection owns, with the reason."""
     left = {}
     for mod_name, module in layer.named_modules():
-        if isinstance(module, PROJECTIONS):
+        if isinstance(module, (*PROJECTIONS, SketchedLinear)):
             continue
         for p_name, param in module.named_parameters(recurse=False):
             if param.dim() < 2:

@@ -18,6 +18,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .architecture import projection_shape, set_submodule
 from .errors import SketchError
+from .experts import empty_like as empty_experts_like
 from .layout import FORMAT_VERSION, check_format_version, check_layout
 from .sketched_linear import SketchedLinear
 from .version import __version__
@@ -28,7 +29,8 @@ QUANT_METHOD = "sketchtune"
 class SketchTuneConfig(QuantizationConfigMixin):
     """``quantization_config`` of a sketched model — the one place a checkpoint's layout is recorded.
 
-    ``modules`` lists the full names of the sketched linears, all with ``bits`` / ``gpr``; ``format_version``
+    ``modules`` lists the full names of the sketched linears, all with ``bits`` / ``gpr`` (per expert matrix for
+    mixture-of-experts blocks, whose fused experts modules ``expert_modules`` names); ``format_version``
     is the :mod:`sketchtune.layout` version the codes are packed in. ``s``, ``importance``, ``refit``,
     ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility;
     ``left_dense`` names every weight matrix inside the decoder layers that stayed dense, and why.
@@ -45,6 +47,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         calibration: dict[str, Any] | None = None,
         source_model: str | None = None,
         left_dense: dict[str, str] | None = None,
+        expert_modules: list[str] | None = None,
         format_version: int | None = FORMAT_VERSION,
         version: str = __version__,
         **kwargs: Any,
@@ -61,6 +64,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         self.calibration = calibration
         self.source_model = source_model
         self.left_dense = dict(left_dense or {})
+        self.expert_modules = list(expert_modules or [])
         self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.version = version
 
@@ -68,8 +72,8 @@ class SketchTuneConfig(QuantizationConfigMixin):
         return dict(self.__dict__)
 
 
-def install_sketched(model: torch.nn.Module, layers: dict[str, SketchedLinear]) -> None:
-    """Put each ``SketchedLinear`` at its dotted name in ``model`` (replacing the ``nn.Linear`` there)."""
+def install_sketched(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
+    """Put each sketched module (``SketchedLinear``, ``SketchedExperts``) at its dotted name in ``model``."""
     for name, layer in layers.items():
         set_submodule(model, name, layer)
 
@@ -78,18 +82,34 @@ def attach_config(model: torch.nn.Module, config: SketchTuneConfig) -> None:
     """Mark ``model`` as sketched with ``config``: what ``save_pretrained`` writes and ``Trainer`` checks."""
     model.config.quantization_config = config
     model.is_quantized = True
+    _keep_our_keys(model)
     if getattr(model, "hf_quantizer", None) is not None:  # e.g. the GGUF loader's: the weights are ours now
         model.hf_quantizer = None
 
 
+def _keep_our_keys(model: torch.nn.Module) -> None:
+    """Save sketched modules under their own keys: transformers would otherwise "revert" fused MoE experts into a
+    hub layout (per-expert w1/w2/w3) on every ``save_pretrained`` — including Trainer checkpoints — which cannot
+    split packed codes. An empty conversion list makes that revert a no-op."""
+    model._weight_conversions = []
+
+
 def replace_with_sketched(model: torch.nn.Module, config: SketchTuneConfig) -> None:
     """Swap every module named in ``config.modules`` for an empty ``SketchedLinear`` of the same shape."""
+    for name in config.expert_modules:  # first: their per-expert SketchedLinear children are named in modules
+        try:
+            fused = model.get_submodule(name)
+        except AttributeError:
+            raise SketchError(f"corrupt checkpoint: sketched experts {name!r} do not exist in this model") from None
+        install_sketched(model, {name: empty_experts_like(fused, config.bits, config.gpr)})
     layers = {}
     for name in config.modules:
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             raise SketchError(f"corrupt checkpoint: sketched module {name!r} does not exist in this model") from None
+        if isinstance(linear, SketchedLinear):
+            continue
         in_features, out_features = projection_shape(linear)
         layers[name] = SketchedLinear(
             in_features, out_features, config.bits, config.gpr, bias=linear.bias is not None,
@@ -105,6 +125,10 @@ class SketchTuneHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         replace_with_sketched(model, self.quantization_config)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        _keep_our_keys(model)
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:

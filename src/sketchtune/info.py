@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .architecture import PROJECTIONS, projection_shape
+from .architecture import PROJECTIONS, is_fused_experts, projection_shape
 from .checkpoint import checkpoint_tensors, validate, weight_files
 
 BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
@@ -72,4 +72,10 @@ def _in_features(path: Path) -> dict[str, int]:
     config.quantization_config = None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {n: projection_shape(m)[0] for n, m in model.named_modules() if isinstance(m, PROJECTIONS)}
+    widths = {n: projection_shape(m)[0] for n, m in model.named_modules() if isinstance(m, PROJECTIONS)}
+    for n, m in model.named_modules():
+        if is_fused_experts(m):  # sketched per expert: <experts>.gate_up_proj.<e> and <experts>.down_proj.<e>
+            experts, two_inter, hidden = m.gate_up_proj.shape
+            for e in range(experts):
+                widths[f"{n}.gate_up_proj.{e}"], widths[f"{n}.down_proj.{e}"] = hidden, two_inter // 2
+    return widths

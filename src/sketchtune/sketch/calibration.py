@@ -205,3 +205,89 @@ def collect_hessians(
     return collector.hessians()
 
 
+
+
+class ExpertHessianCollector:
+    """Per-expert Hessians of fused mixture-of-experts modules, from the tokens the router really sends each one.
+
+    A pre-hook on each experts module sees ``(hidden_states, top_k_index, top_k_weights)`` — the router's actual
+    choice, not a guess. For expert e, ``gate_up_proj[e]`` gets Σ xxᵀ over its routed tokens, and ``down_proj[e]``
+    Σ (w·h)(w·h)ᵀ over its intermediate activations h = act(gate)·up scaled by the routing weight w (the block's
+    output is w·down(h), so that is the output error's Hessian). An expert routed fewer than ``min_tokens``
+    tokens falls back to the pre-routing Hessian of all tokens entering the block for ``gate_up_proj`` and, in a
+    second pass (:meth:`begin_fallback_pass`), to its intermediate activations over all tokens for
+    ``down_proj``; :attr:`fallbacks` lists them.
+    """
+
+    def __init__(self, experts: dict[str, nn.Module], min_tokens: int):
+        self.experts, self.min_tokens = experts, min_tokens
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.fallbacks: dict[str, dict[int, int]] = {}  # module -> {expert: routed tokens}
+        self._fallback_pass = False
+        self._handles = [m.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                         for name, m in experts.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs):
+            values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
+            hidden, index, weights = values[:3]
+            experts, dim = module.gate_up_proj.shape[0], module.gate_up_proj.shape[2]
+            x = hidden.detach().reshape(-1, dim).float()
+            st = self.stats.get(name)
+            if st is None:
+                inter = module.down_proj.shape[2]
+                st = self.stats[name] = {
+                    "gu": torch.zeros(experts, dim, dim, device=x.device), "n": [0] * experts,
+                    "dn": torch.zeros(experts, inter, inter, device=x.device),
+                    "shared": torch.zeros(dim, dim, device=x.device), "shared_n": 0, "dn_all": {}, "dn_all_n": 0,
+                }
+            if self._fallback_pass:
+                for e in self.fallbacks.get(name, {}):
+                    h = self._intermediate(module, e, x)
+                    st["dn_all"][e] = st["dn_all"].get(e, 0) + h.T @ h
+                st["dn_all_n"] += x.shape[0]
+                return
+            st["shared"].addmm_(x.T, x)
+            st["shared_n"] += x.shape[0]
+            for e in range(experts):
+                tok, pos = torch.where(index.reshape(x.shape[0], -1) == e)
+                if len(tok) == 0:
+                    continue
+                xe = x[tok]
+                st["gu"][e].addmm_(xe.T, xe)
+                st["n"][e] += len(tok)
+                h = self._intermediate(module, e, xe) * weights.reshape(x.shape[0], -1)[tok, pos].float()[:, None]
+                st["dn"][e].addmm_(h.T, h)
+
+        return hook
+
+    @staticmethod
+    def _intermediate(module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = nn.functional.linear(x, module.gate_up_proj[expert].float()).chunk(2, dim=-1)
+        return (module.act_fn(gate) * up).float()
+
+    def begin_fallback_pass(self) -> bool:
+        """Mark experts with too few routed tokens; True if a second pass over the batches is needed."""
+        for name, st in self.stats.items():
+            few = {e: n for e, n in enumerate(st["n"]) if n < self.min_tokens}
+            if few:
+                self.fallbacks[name] = few
+        self._fallback_pass = bool(self.fallbacks)
+        return self._fallback_pass
+
+    def hessians(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(gate_up Hessians, down Hessians) of every expert of one module, each H = 2XXᵀ/n."""
+        st, few = self.stats[name], self.fallbacks.get(name, {})
+        gu, dn = [], []
+        for e, n in enumerate(st["n"]):
+            if e in few:
+                gu.append(st["shared"] * (2.0 / max(1, st["shared_n"])))
+                dn.append(st["dn_all"][e] * (2.0 / max(1, st["dn_all_n"])))
+            else:
+                gu.append(st["gu"][e] * (2.0 / n))
+                dn.append(st["dn"][e] * (2.0 / n))
+        return gu, dn
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()

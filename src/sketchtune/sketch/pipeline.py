@@ -20,12 +20,15 @@ from tqdm.auto import tqdm
 
 from ..architecture import (
     find_decoder_layers,
+    fused_expert_modules,
     linear_modules,
     projection_shape,
     projection_weight,
     unsketchable_matrices,
 )
 from ..errors import SketchError
+from ..experts import SketchedExperts, expert_shapes
+from ..experts import empty_like as empty_experts_like
 from ..hf_integration import SketchTuneConfig, attach_config, install_sketched
 from ..layout import check_layout
 from ..sketched_linear import SketchedLinear
@@ -36,7 +39,7 @@ from .algorithm import (
     sketch_weight,
     uniform_codebook,
 )
-from .calibration import HessianCollector, LayerInputs, calibration_tokens, capture_layer_inputs
+from .calibration import ExpertHessianCollector, HessianCollector, LayerInputs, calibration_tokens, capture_layer_inputs
 from .progress import SketchProgress
 
 Method = Literal["sketch", "gptq", "rtn"]
@@ -57,6 +60,7 @@ class SketchReport:
     seconds: float = 0.0
     module_errors: dict[str, float] = field(default_factory=dict)
     left_dense: dict[str, str] = field(default_factory=dict)  # matrix -> why it was not sketched
+    expert_fallbacks: dict[str, int] = field(default_factory=dict)  # expert -> routed tokens, when too few
     peak_device_bytes: int | None = None
 
     @property
@@ -84,12 +88,16 @@ def sketch_model(
     progress: bool = True,
     progress_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    min_expert_tokens: int = 32,
 ) -> SketchReport:
     """Replace every linear inside the decoder layers of ``model`` by a :class:`SketchedLinear`, in place.
 
     ``seqlen`` is capped at the model's context (``max_position_embeddings``). With ``progress_dir`` every
     finished layer is written there (:mod:`.progress`), and ``resume=True`` continues a killed run after its
-    last finished layer with a result identical to an uninterrupted run.
+    last finished layer with a result identical to an uninterrupted run. Fused mixture-of-experts tensors become
+    :class:`SketchedExperts`, each expert with Hessians from the tokens routed to it; an expert routed fewer than
+    ``min_expert_tokens`` tokens falls back to all tokens' statistics (:class:`ExpertHessianCollector`) and is
+    listed in ``report.expert_fallbacks``. Routers stay dense.
 
     ``method="sketch"`` is SketchTune; ``"gptq"`` the same loop with a uniform grid; ``"rtn"`` plain rounding
     to a uniform grid (needs no calibration). Embeddings and the LM head are never touched.
@@ -106,6 +114,13 @@ def sketch_model(
                 check_layout(bits, gpr, projection_shape(lin)[0])
             except SketchError as e:
                 raise SketchError(f"{prefix}.{i}.{lname}: {e}") from None
+        for ename, module in fused_expert_modules(layer).items():
+            _, hidden_dim, inter = expert_shapes(module)
+            try:
+                check_layout(bits, gpr, hidden_dim)
+                check_layout(bits, gpr, inter)
+            except SketchError as e:
+                raise SketchError(f"{prefix}.{i}.{ename}: {e}") from None
     tracker = None
     if progress_dir is not None:
         settings = {"bits": bits, "gpr": gpr, "method": method, "calib": str(calib), "nsamples": nsamples,
@@ -119,6 +134,7 @@ def sketch_model(
     home = next(model.parameters()).device
     report = SketchReport(method=method, bits=bits, gpr=gpr)
     names: list[str] = []
+    expert_names: list[str] = []
     left_dense: dict[str, str] = {}
     t0 = time.perf_counter()
     if dev.type == "cuda":
@@ -137,6 +153,9 @@ def sketch_model(
         layer = layers[i]
         if tracker is not None and i in tracker.done:  # finished before the interruption: reuse, don't redo
             done = tracker.done[i]
+            for ename in done.get("experts", []):
+                install_sketched(layer, {ename: empty_experts_like(layer.get_submodule(ename), bits, gpr)})
+                expert_names.append(f"{prefix}.{i}.{ename}")
             install_sketched(layer, tracker.load_layer(i, layer, bits))
             names.extend(f"{prefix}.{i}.{n}" for n in done["modules"])
             report.module_errors.update(done["errors"])
@@ -148,23 +167,29 @@ def sketch_model(
             continue
         layer = layer.to(dev)
         linears = linear_modules(layer)
+        experts = fused_expert_modules(layer)
         layer_errors: dict[str, float] = {}
-        layer_left = unsketchable_matrices(layer, f"{prefix}.{i}.")
-        left_dense.update(layer_left)
-        collector = HessianCollector(linears) if inputs is not None else None
-        if collector is not None:
+        collector = expert_collector = None
+        if inputs is not None:
+            collector = HessianCollector(linears)
+            expert_collector = ExpertHessianCollector(experts, min_expert_tokens) if experts else None
             with torch.no_grad():
                 for h, a, k in zip(hidden, inputs.args[i], inputs.kwargs[i]):
                     layer(h, *a, **k)
                     collector.end_batch()
-            collector.close()
-        for lname, lin in linears.items():
-            full = f"{prefix}.{i}.{lname}"
-            W = projection_weight(lin).data
-            if collector is None:
-                result, H = round_to_nearest(W, bits, gpr), None
+                collector.close()
+                if expert_collector is not None and expert_collector.begin_fallback_pass():
+                    for h, a, k in zip(hidden, inputs.args[i], inputs.kwargs[i]):
+                        layer(h, *a, **k)
+            if expert_collector is not None:
+                expert_collector.close()
+                for ename, few in expert_collector.fallbacks.items():
+                    report.expert_fallbacks.update({f"{prefix}.{i}.{ename}.{e}": n for e, n in few.items()})
+
+        def sketch_one(full: str, W: torch.Tensor, H: torch.Tensor | None, bias) -> SketchedLinear:
+            if H is None:
+                result = round_to_nearest(W, bits, gpr)
             else:
-                H = collector.hessian(lname)
                 try:
                     result = sketch_weight(
                         W, H, bits, gpr, s=s, importance=importance, percdamp=percdamp, blocksize=blocksize,
@@ -173,20 +198,38 @@ def sketch_model(
                     )
                 except SketchError as e:
                     raise SketchError(f"{full}: {e}") from None
-            if H is not None:
                 approx = result.dequantize()
                 denom = output_error(W, torch.zeros_like(approx), H)
                 layer_errors[full] = output_error(W, approx, H) / max(denom, 1e-30)
-            install_sketched(layer, {lname: SketchedLinear.from_codes(result.codebook, result.codes, bits, lin.bias,
-                                                                      dtype=W.dtype)})
             names.append(full)
-        del collector
+            return SketchedLinear.from_codes(result.codebook, result.codes, bits, bias, dtype=W.dtype)
+
+        for lname, lin in linears.items():
+            H = collector.hessian(lname) if collector is not None else None
+            sketched = sketch_one(f"{prefix}.{i}.{lname}", projection_weight(lin).data, H, lin.bias)
+            install_sketched(layer, {lname: sketched})
+        for ename, module in experts.items():
+            n_exp, hidden_dim, inter = expert_shapes(module)
+            gu_h, dn_h = expert_collector.hessians(ename) if expert_collector is not None else ([None] * n_exp,) * 2
+            new = SketchedExperts(n_exp, hidden_dim, inter, bits, gpr, module.act_fn, dtype=module.gate_up_proj.dtype,
+                                  device=module.gate_up_proj.device)
+            for e in range(n_exp):  # in module order (all gate_up, then all down), as loading lists them
+                new.gate_up_proj[e] = sketch_one(f"{prefix}.{i}.{ename}.gate_up_proj.{e}",
+                                                 module.gate_up_proj.data[e], gu_h[e], None)
+            for e in range(n_exp):
+                new.down_proj[e] = sketch_one(f"{prefix}.{i}.{ename}.down_proj.{e}",
+                                              module.down_proj.data[e], dn_h[e], None)
+            install_sketched(layer, {ename: new})
+            expert_names.append(f"{prefix}.{i}.{ename}")
+        layer_left = unsketchable_matrices(layer, f"{prefix}.{i}.")  # after installing: what is still dense
+        left_dense.update(layer_left)
+        del collector, expert_collector
         if inputs is not None:
             with torch.no_grad():
                 hidden = inputs.call(layer, i, hidden)
         report.module_errors.update(layer_errors)
         if tracker is not None:
-            tracker.save_layer(i, layer, layer_errors, layer_left)
+            tracker.save_layer(i, layer, layer_errors, layer_left, list(experts))
         layers[i] = layer.to(home)
         if report.module_errors:
             bar.set_postfix(err=f"{report.mean_error:.2e}")
@@ -201,6 +244,7 @@ def sketch_model(
         importance=importance if method == "sketch" else None,
         refit=refit if method == "sketch" else None,
         source_model=getattr(model, "name_or_path", None) or None, left_dense=left_dense,
+        expert_modules=expert_names,
         calibration=None if method == "rtn" else {
             "source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "method": method,
         },

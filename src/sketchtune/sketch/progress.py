@@ -56,7 +56,8 @@ class SketchProgress:
                 raise SketchError(f"--resume: {root / _layer_file(i)} is missing; start over with --overwrite")
         return progress
 
-    def save_layer(self, index: int, layer: torch.nn.Module, errors: dict[str, float], left: dict[str, str]) -> None:
+    def save_layer(self, index: int, layer: torch.nn.Module, errors: dict[str, float], left: dict[str, str],
+                   experts: list[str] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         mods = {n: m for n, m in layer.named_modules() if isinstance(m, SketchedLinear)}
         tensors = {}
@@ -68,7 +69,7 @@ class SketchProgress:
         tmp = self.root / (_layer_file(index) + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self.root / _layer_file(index))
-        self.done[index] = {"modules": list(mods), "errors": errors, "left_dense": left}
+        self.done[index] = {"modules": list(mods), "errors": errors, "left_dense": left, "experts": experts or []}
         payload = {"settings": self.settings, "done": {str(k): v for k, v in sorted(self.done.items())}}
         tmp = self.root / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1) + "\n")
