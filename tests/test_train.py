@@ -1,6 +1,7 @@
 """Codebook fine-tuning on the real sketched TinyStories-656K: what trains, that it learns, resume, adapters."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -242,3 +243,29 @@ def test_every_adapter_error(sketched_dir, tmp_path):
             load_adapter(model, path)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, tested on Linux")
+def test_ddp_two_processes_match_one_and_write_one_adapter(sketched_dir, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU): the same loss curve as one process with the same global batch."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["train", str(sketched_dir), "--data", "tinystories", "--max-steps", "3", "--cutoff-len", "32",
+              "--logging-steps", "1", "--learning-rate", "1e-2", "--save-steps", "100", "--threads", "1"]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "sketchtune", *common, "--out",
+                          str(tmp_path / "ddp"), "--per-device-train-batch-size", "2"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("sketch adapter:") == 1  # rank 0 only
+    one = subprocess.run([sys.executable, "-m", "sketchtune", *common, "--out", str(tmp_path / "one"),
+                          "--per-device-train-batch-size", "4"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    curves = [[h["loss"] for h in json.loads((tmp_path / r / "train_results.json").read_text())["log_history"]
+               if "loss" in h] for r in ("ddp", "one")]
+    assert len(curves[0]) == len(curves[1]) == 3
+    # Gradients are all-reduced in another order than one process sums them: equal to float rounding.
+    assert curves[0] == pytest.approx(curves[1], rel=1e-3)
+    assert (tmp_path / "ddp" / "sketch_adapter.safetensors").is_file()

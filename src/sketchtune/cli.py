@@ -252,6 +252,8 @@ def cmd_train(args) -> None:
         bf16=args.bf16, fp16=args.fp16, **training,
     )
     m = job.metrics
+    if not m.get("main_process", True):
+        return  # another rank of a torchrun job: rank 0 reports (and wrote the adapter)
     print(f"\ntrained {m['trainable_params']:,} codebook parameters for {m['global_step']} steps "
           f"({m['seconds_per_step']:.3f} s/step); train loss {m['train_loss']:.4f}"
           + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""))

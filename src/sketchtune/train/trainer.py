@@ -187,7 +187,8 @@ def train_sketch(
     }
     if eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    if not trainer.is_world_process_zero():
+    metrics["main_process"] = trainer.is_world_process_zero()
+    if not metrics["main_process"]:  # under torchrun only rank 0 writes the adapter and the results
         return metrics
     save_adapter(model, out)
     if save_full:
