@@ -51,6 +51,21 @@ def lora_rank_for(params: int, model) -> int:
     return max(1, round(params / per_rank))
 
 
+def matched_lora_ranks(model) -> dict[int, int]:
+    """LoRA rank matching SketchTune INT4's codebook budget at GPR 1, 2 and 4 (16 entries per group per row)."""
+    rows_total = sum(m.out_features for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS)
+    return {g: lora_rank_for(rows_total * g * 16, model) for g in (1, 2, 4)}
+
+
+def resolve_method(name: str, ranks: dict[int, int]) -> str:
+    """``lora`` → ``lora-r33`` (GPR 4's budget), ``lora-gpr1`` → ``lora-r8``; sketchtune/full/-rN unchanged."""
+    if name.startswith(("sketchtune", "full")) or "-r" in name:
+        return name
+    kind, _, gpr = name.partition("-gpr")
+    return f"{kind}-r{ranks[int(gpr or 4)]}"
+
+
 def nf4_base_bytes(model) -> int:
     """QLoRA's base as it would be stored: packed NF4 weights with their quantisation state, everything else
     at 2 bytes (as the SketchTune checkpoint stores embeddings and norms), so both bases are counted alike."""
@@ -202,18 +217,9 @@ def main() -> None:
     full = build_dataset(",".join(str(data / f) for f in task["train"]), tok, args.cutoff_len).shuffle(seed=args.seed)
     eval_ds = full.select(range(args.eval_examples))
     train_ds = full.select(range(args.eval_examples, args.eval_examples + args.train_examples))
-    rows_total = sum(m.out_features for n, m in base.named_modules()
-                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEARS)
-    ranks = {g: lora_rank_for(rows_total * g * 16, base) for g in (1, 2, 4)}  # INT4: 16 codebook entries per group
+    ranks = matched_lora_ranks(base)  # INT4: 16 codebook entries per group
     rank = ranks[4]
-
-    def resolve(m: str) -> str:
-        if m.startswith(("sketchtune", "full")) or "-r" in m:
-            return m
-        kind, _, gpr = m.partition("-gpr")
-        return f"{kind}-r{ranks[int(gpr or 4)]}"
-
-    methods = [resolve(m) for m in args.methods.split(",")]
+    methods = [resolve_method(m, ranks) for m in args.methods.split(",")]
     out = args.out or f"benchmarks/results/finetune_{args.task}.json"
     rows = []
     header = f"{'method':<18}{'trainable':>12}{'base MiB':>10}{'loss@0':>9}{'eval loss':>11}{'avg acc':>9}{'s/step':>8}{'peak MiB':>10}"

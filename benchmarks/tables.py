@@ -4,6 +4,9 @@ The README's figures are generated from ``benchmarks/results/*.json`` by this sc
 
     python benchmarks/tables.py                 # print
     python benchmarks/tables.py --update-readme # replace the block between the BENCHMARK-TABLE markers
+
+Unfinished ``finetune_evidence_<task>.json`` runs are printed (marked PARTIAL) but kept out of the README unless
+``--include-partial`` is given.
 """
 
 from __future__ import annotations
@@ -78,6 +81,76 @@ def finetune(d: dict, task: str) -> str:
             + _table(["method", "trainable", "base MiB", "loss@0", "eval loss"] + tasks + ["avg acc", "s/step", "peak MiB"], body))
 
 
+def _pm(mean_std: list[float], fmt: str) -> str:
+    m, s = mean_std
+    return f"{m:{fmt}} ± {s:{fmt}}" if s == s else f"{m:{fmt}}"  # s is NaN for one seed
+
+
+def _ci(d: dict, fmt: str = "+.3f") -> str:
+    lo, hi = d["ci95"]
+    if lo != lo:  # NaN: one seed gives no interval
+        return f"{d['mean']:{fmt}} [n/a]"
+    return f"{d['mean']:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def evidence_complete(d: dict) -> bool:
+    budget = d["meta"].get("cpu_budget", {})
+    return bool(budget) and budget.get("units_done") == budget.get("units_total")
+
+
+def finetune_evidence(d: dict, task: str) -> str:
+    """Issue #15's comparison (``finetune_evidence.py``): tuned LRs, seeds, larger test subsets, paired CIs."""
+    m, a = d["meta"], d["analysis"]
+    proto, budget, subsets = m["protocol"], m.get("cpu_budget", {}), m.get("eval_subsets", {})
+    methods = [k for k, e in a["methods"].items() if "avg_accuracy_mean_std" in e]
+    tasks = list(a["methods"][methods[0]]["accuracy_mean"]) if methods else []
+    state = "complete" if evidence_complete(d) else f"PARTIAL: {budget.get('units_done')} of {budget.get('units_total')} units"
+    n_rec = proto["eval_per_task"] or "all"
+    tb = m.get("token_budget", {})
+    out = [f"**Fine-tuning evidence, {task}** ({state}) — SmolLM2-135M, {tb.get('steps')} steps × batch {tb.get('batch')} "
+           f"× cutoff {tb.get('cutoff_len')} for every method; LR per method picked from a 3-point grid by validation "
+           f"loss ({proto['val_examples']} examples carved from the training data, runs of "
+           f"{max(1, round(proto['max_steps'] * proto['lr_fraction']))} steps); seeds {', '.join(map(str, proto['seeds']))}; accuracy on a fixed random {n_rec} test records "
+           f"per set ({subsets.get('scoring', '?')} scoring); mean ± std over seeds; {m.get('threads', '?')} CPU thread(s).\n"]
+    body = []
+    for name in methods:
+        e = a["methods"][name]
+        edge = " (edge)" if e.get("chosen_lr_on_grid_edge") else ""
+        body.append([name, f"{e['trainable_params']:,}", f"{e['base_model_bytes'] / 2**20:.1f}", f"{e['chosen_lr']:g}{edge}",
+                     str(len(e["seeds"])), _pm(e["val_loss_mean_std"], ".4f")]
+                    + [f"{e['accuracy_mean'][t]:.3f}" for t in tasks]
+                    + [_pm(e["avg_accuracy_mean_std"], ".3f"), str(e["plateau_step"]), f"{e['seconds_per_step_mean']:.2f}",
+                       f"{e['peak_rss_bytes_max'] / 2**20:.0f}"])
+    if body:
+        out.append(_table(["method", "trainable", "base MiB", "LR", "seeds", "val loss"] + tasks
+                          + ["avg acc", "plateau step", "s/step", "peak MiB"], body))
+    if a.get("bases"):
+        rows = [[b, f"{e['base_model_bytes'] / 2**20:.1f}", f"{e['val_loss']:.4f}"]
+                + [f"{e['accuracy'][t]:.3f}" for t in (tasks or list(e["accuracy"]))] + [f"{e['avg_accuracy']:.3f}"]
+                for b, e in a["bases"].items()]
+        first = next(iter(a["bases"].values()))
+        out += ["\n**Before training** (answer bias of each base on the same test records; val loss at step 0).\n",
+                _table(["base", "base MiB", "val loss"] + (tasks or list(first["accuracy"])) + ["avg acc"], rows)]
+    if a.get("paired_vs_sketchtune"):
+        rows = []
+        for pair, p in a["paired_vs_sketchtune"].items():
+            rows.append([pair, str(len(p["seeds"])), _ci(p["avg_accuracy_diff_t"]),
+                         _ci(p["avg_accuracy_diff_bootstrap_records"]), _ci(p["val_loss_diff_t"], "+.4f"),
+                         f"{p['base_bytes_ratio_other_over_sketchtune']:.2f}×"])
+        out += ["\n**SketchTune minus baseline**, paired by seed: mean [95% interval]; `t` over seeds, `records` a "
+                "bootstrap over test records (stratified by set, seed-averaged); base ratio = baseline base bytes / "
+                "SketchTune base bytes.\n",
+                _table(["pair", "seeds", "avg acc (t)", "avg acc (records)", "val loss (t)", "base ratio"], rows)]
+    if budget:
+        sps = ", ".join(f"{k} {v:.2f}" for k, v in budget.get("measured_s_per_step", {}).items())
+        out.append(f"\nMeasured s/step: {sps}. Projected CPU hours for the whole protocol: "
+                   f"{budget.get('projected_cpu_hours_total', float('nan')):.1f} "
+                   f"({budget.get('projected_cpu_hours_remaining', float('nan')):.1f} remaining"
+                   + (f", {len(budget['units_not_yet_projectable'])} units not yet projectable"
+                      if budget.get("units_not_yet_projectable") else "") + ").")
+    return "\n".join(out)
+
+
 def efficiency(d: dict) -> str:
     meta, model = d["meta"], d["model"]
     shape = meta["model"]
@@ -94,13 +167,17 @@ def efficiency(d: dict) -> str:
             + _table(["method", "weights MiB"] + [label for _, label in keys], body))
 
 
-def render() -> str:
+def render(include_partial: bool = True) -> str:
     parts = []
     if (d := _load("sketch_quality.json")) is not None:
         parts.append(sketch_quality(d))
     for task in ("math", "commonsense"):
         if (d := _load(f"finetune_{task}.json")) is not None and d["rows"]:
             parts.append(finetune(d, task))
+    for task in ("commonsense", "math"):
+        d = _load(f"finetune_evidence_{task}.json")
+        if d is not None and d.get("units") and (include_partial or evidence_complete(d)):
+            parts.append(finetune_evidence(d, task))
     if (d := _load("efficiency_cpu.json")) is not None:
         parts.append(efficiency(d))
     return "\n\n".join(parts)
@@ -109,8 +186,10 @@ def render() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--include-partial", action="store_true",
+                   help="with --update-readme, also write finetune_evidence tables whose run is unfinished")
     args = p.parse_args()
-    text = render()
+    text = render(include_partial=args.include_partial or not args.update_readme)
     if not args.update_readme:
         print(text)
         return
