@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         COMMANDS[args.command](args)
         if args.command == "sketch":
-            print(f"\ndone in {time.perf_counter() - t0:.1f} s ({torch.get_num_threads()} threads)")
+            n = torch.get_num_threads()
+            print(f"\ndone in {time.perf_counter() - t0:.1f} s ({n} thread{'s' if n > 1 else ''})")
     except SketchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
