@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import sketchtune
-from sketchtune.architecture import find_decoder_layers
-from sketchtune.modeling import BUNDLED_MODEL, load_model
-from sketchtune.sketch.calibration import calibration_tokens
-from sketchtune.sketch.calibration import collect_hessians
+# Without a GPU the Triton kernel tests run under Triton's interpreter, which must be switched on before anything
+# imports triton (bitsandbytes and transformers' Trainer do) — so here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import sketchtune  # noqa: E402
+from sketchtune.architecture import find_decoder_layers  # noqa: E402
+from sketchtune.modeling import BUNDLED_MODEL, load_model  # noqa: E402
+from sketchtune.sketch.calibration import calibration_tokens, collect_hessians  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 
+from sketchtune import layout  # noqa: E402
 from sketchtune.kernels import (  # noqa: E402
     BACKEND_ENV,
     DenseWeightCache,
@@ -23,7 +24,6 @@ from sketchtune.kernels import (  # noqa: E402
     sketched_linear,
     triton_runs_on,
 )
-from sketchtune import layout  # noqa: E402
 from sketchtune.layout import dequantize, pack_codes  # noqa: E402
 from sketchtune.sketched_linear import SketchedLinear  # noqa: E402
 

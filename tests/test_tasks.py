@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sketchtune.cli import add_eval_tasks_arguments, run_eval_tasks
 from sketchtune.errors import SketchError
 from sketchtune.eval.answers import (
     TASKS,
@@ -25,15 +26,14 @@ from sketchtune.eval.tasks import (
     BUNDLED_TASKS,
     COMMONSENSE_TASKS,
     MATH_TASKS,
-    truncate_left,
     candidate_labels,
     evaluate_tasks,
     format_results_table,
     load_task,
     resolve_task,
     resolve_tasks,
+    truncate_left,
 )
-from sketchtune.cli import add_eval_tasks_arguments, run_eval_tasks
 from sketchtune.prompts import format_prompt
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters" / "dataset"

@@ -10,7 +10,8 @@ Modules, bottom to top (each imports only those before it): ``errors``, ``versio
 
 from .checkpoint import load, save
 from .errors import SketchError
-from .hf_integration import SketchTuneConfig, register as _register
+from .hf_integration import SketchTuneConfig
+from .hf_integration import register as _register
 from .sketch.pipeline import sketch_model
 from .sketched_linear import SketchedLinear
 from .version import __version__

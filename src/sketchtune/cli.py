@@ -18,7 +18,6 @@ from .prompts import DEFAULT_PROMPT
 from .threads import free_cores
 
 
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

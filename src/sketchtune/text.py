@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import SketchError
 from .bundled import BUNDLED_TEXT
+from .errors import SketchError
 
 #: Short names for the text slices bundled with the package (so nothing outside the repo is needed).
 BUNDLED = {

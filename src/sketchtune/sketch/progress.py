@@ -83,7 +83,8 @@ class SketchProgress:
             original = layer.get_submodule(name)
             codebook = tensors[f"{name}.codebook"]
             out, gpr, _ = codebook.shape
-            new = SketchedLinear(projection_shape(original)[0], out, bits, gpr, bias=f"{name}.bias" in tensors, dtype=codebook.dtype,
+            new = SketchedLinear(projection_shape(original)[0], out, bits, gpr, bias=f"{name}.bias" in tensors,
+                                 dtype=codebook.dtype,
                                  device=codebook.device)
             with torch.no_grad():
                 new.weight.copy_(tensors[f"{name}.weight"])

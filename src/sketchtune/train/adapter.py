@@ -126,7 +126,8 @@ def load_adapter(model: torch.nn.Module, path: str | os.PathLike, check_base: bo
     for name, m in mods.items():  # every check before the first copy: a refused adapter changes nothing
         t = tensors[f"{name}.codebook"]
         if t.shape != m.codebook.shape:
-            raise SketchError(f"adapter codebook {name} has shape {tuple(t.shape)}, model has {tuple(m.codebook.shape)}")
+            raise SketchError(f"adapter codebook {name} has shape {tuple(t.shape)}, "
+                              f"model has {tuple(m.codebook.shape)}")
         if not torch.isfinite(t).all():
             raise SketchError(f"adapter codebook {name} contains NaN or Inf")
     with torch.no_grad():
