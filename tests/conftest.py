@@ -19,6 +19,16 @@ from sketchtune.modeling import BUNDLED_MODEL, load_model  # noqa: E402
 from sketchtune.sketch.calibration import calibration_tokens, collect_hessians  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored after): for modules of many tiny ops, where OpenMP barriers cost
+    more than the work — seconds per test when another job holds a core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the real pretrained TinyStories-656K, fp32 on CPU."""

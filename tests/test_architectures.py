@@ -50,13 +50,8 @@ CONFIGS = {
 HETEROGENEOUS = ("qwen2", "qwen3", "gemma2", "gemma3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP barriers, which cost seconds when a core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny matrices: one thread avoids OpenMP barriers, which cost seconds when a core is busy.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str) -> torch.nn.Module:

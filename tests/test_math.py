@@ -17,13 +17,8 @@ from sketchtune.sketch.kmeans import kmeans_cost, weighted_kmeans_1d
 ROWS = 32  # rows of each real matrix used (the reference is an O(c³) loop per matrix)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These are thousands of tiny ops: one thread avoids OpenMP barriers (seconds when a core is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Thousands of tiny ops: one thread avoids OpenMP barriers, which cost seconds when a core is busy.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_sketch(W: torch.Tensor, H: torch.Tensor, bits: int, gpr: int, s: float = 3.0,

@@ -222,28 +222,25 @@ def test_train_flag_errors_are_usage_errors(sketched_dir, tmp_path, extra, patte
     assert "error:" in proc.stderr.strip().splitlines()[-1]
 
 
+TRAINING_DATA_ERRORS = [  # (file, its contents, what the one error line must say)
+    ("data.csv", "instruction,output\nhi,there\n", ["unsupported training data", ".json"]),
+    ("bad.json", '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]',
+     ["invalid JSON at line 2"]),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n', ["invalid JSON on line 2"]),
+    ("fields.json", json.dumps([{"prompt": "a", "completion": "b"}]),
+     ["record 1: unrecognised record fields ['completion', 'prompt']"]),
+    ("short.txt", "Once upon a time.", ["fewer than cutoff_len=256"]),
+]
+
+
 def test_training_data_errors(capsys, sketched_dir, tmp_path):
-    csv = tmp_path / "data.csv"
-    csv.write_text("instruction,output\nhi,there\n")
-    code, _, err = run(capsys, "train", sketched_dir, "--data", csv, "--out", tmp_path / "a")
-    assert code == 2 and "unsupported training data" in error_line(err) and ".json" in error_line(err)
-    bad = tmp_path / "bad.json"
-    bad.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]')
-    code, _, err = run(capsys, "train", sketched_dir, "--data", bad, "--out", tmp_path / "b")
-    assert code == 2 and "invalid JSON at line 2" in error_line(err)
-    badl = tmp_path / "bad.jsonl"
-    badl.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
-    code, _, err = run(capsys, "train", sketched_dir, "--data", badl, "--out", tmp_path / "c")
-    assert code == 2 and "invalid JSON on line 2" in error_line(err)
-    fields = tmp_path / "fields.json"
-    fields.write_text(json.dumps([{"prompt": "a", "completion": "b"}]))
-    code, _, err = run(capsys, "train", sketched_dir, "--data", fields, "--out", tmp_path / "d")
-    assert code == 2 and "record 1: unrecognised record fields ['completion', 'prompt']" in error_line(err)
-    short = tmp_path / "short.txt"
-    short.write_text("Once upon a time.")
-    code, _, err = run(capsys, "train", sketched_dir, "--data", short, "--out", tmp_path / "e")
-    assert code == 2 and "fewer than cutoff_len=256" in error_line(err)
-    code, _, err = run(capsys, "train", sketched_dir, "--data", f"{fields},tinystories", "--out", tmp_path / "f")
+    for name, text, patterns in TRAINING_DATA_ERRORS:
+        (tmp_path / name).write_text(text)
+        code, _, err = run(capsys, "train", sketched_dir, "--data", tmp_path / name, "--out", tmp_path / f"run-{name}")
+        line = error_line(err)
+        assert code == 2 and all(p in line for p in patterns), (name, line)
+    code, _, err = run(capsys, "train", sketched_dir, "--data", f"{tmp_path / 'fields.json'},tinystories", "--out",
+                       tmp_path / "mixed")
     assert code == 2 and "mixes instruction records" in error_line(err)
 
 

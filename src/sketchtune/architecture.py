@@ -78,7 +78,8 @@ def unsketchable_matrices(layer: nn.Module, prefix: str = "") -> dict[str, str]:
             if "router" in type(module).__name__.lower():
                 why = "mixture-of-experts router: kept dense (routing decisions are sensitive, and it is tiny)"
             elif param.dim() == 3:
-                why = "fused mixture-of-experts tensor (experts x out x in): expert sketching is not supported yet"
+                why = ("fused mixture-of-experts tensor in a layout sketchtune does not sketch (only bias-free "
+                       "gate_up_proj / down_proj experts are)")
             else:
                 why = f"{param.dim()}-D parameter of {type(module).__name__}, not an nn.Linear / Conv1D"
             left[f"{prefix}{mod_name + '.' if mod_name else ''}{p_name}"] = why

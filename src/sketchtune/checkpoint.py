@@ -91,8 +91,7 @@ def save(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | str 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     old = None
     try:
-        # Our keys are the sketched modules' own (per-expert codes, codebooks): no conversion back to a hub layout.
-        model.save_pretrained(tmp, safe_serialization=True, save_original_format=False)
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out.exists():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .architecture import is_fused_experts  # noqa: F401  (re-exported)
 from .sketched_linear import SketchedLinear
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +92,6 @@ class SketchProgress:
                     new.bias.copy_(tensors[f"{name}.bias"])
             built[name] = new
         return built
-
-    def remove(self) -> None:
-        """Delete the progress directory (only files this class wrote are in it)."""
-        if self.root.is_dir():
-            shutil.rmtree(self.root)
 
 
 def _layer_file(index: int) -> str:
