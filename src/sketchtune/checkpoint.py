@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -87,17 +88,30 @@ def save(model, tokenizer, out_dir: str | os.PathLike, dtype: torch.dtype | str 
     if dtype is not None:
         model.to(dtype)  # casts floating tensors only; packed codes stay uint8
         model.config.dtype = dtype
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return write_atomically(out, write)
+
+
+def write_atomically(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a fresh sibling directory of ``out`` and only then let it replace ``out``.
+
+    An interrupted write never leaves a half-written checkpoint behind, nor destroys the previous one (it is
+    moved aside and put back if the new one never arrives). Call :func:`check_output_dir` first.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     old = None
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write(tmp)
         if out.exists():
             if any(out.iterdir()):
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-                out.rename(old / "checkpoint")  # checked above: holds only checkpoint files
+                out.rename(old / "checkpoint")  # checked by check_output_dir: holds only checkpoint files
             else:
                 out.rmdir()
         tmp.rename(out)

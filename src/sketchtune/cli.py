@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--overwrite", action="store_true", help="replace an existing sketched checkpoint at --out")
     sk.add_argument("--resume", action="store_true",
                     help="continue a killed sketch into --out after its last finished layer (same settings)")
+    sk.add_argument("--stream", action="store_true",
+                    help="never hold the whole model: read one decoder layer at a time from the safetensors "
+                         "shards and write the checkpoint layer by layer (memory independent of depth; "
+                         "skips perplexity and sample)")
     sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")
     sk.add_argument("--gpr", type=int, default=1, help="groups per row; must divide every row length")
     sk.add_argument("--calib", default="c4", help="calibration text: .txt/.jsonl/.json or the bundled 'c4'")
@@ -178,7 +182,7 @@ def cmd_sketch(args) -> None:
         nsamples=args.nsamples, seqlen=args.seqlen, method=args.method, s=args.s, importance=args.importance,
         refit=args.refit, percdamp=args.percdamp, dtype=args.dtype, device=args.device, seed=args.seed,
         eval_data=tuple(args.eval_data.split(",")), eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
-        prompt=args.prompt, resume=args.resume,
+        prompt=args.prompt, resume=args.resume, stream=args.stream,
     )
     info, report = job.info, job.report
     print(f"\nSketched {job.source} -> {job.out}  ({report.method}, INT{report.bits}, GPR {report.gpr}, "
@@ -192,7 +196,11 @@ def cmd_sketch(args) -> None:
     print(f"trainable parameters (codebooks): {info['trainable_params']:,}")
     print(f"mean relative layer-output error: {report.mean_error:.3e}")
     _print_left_dense(report.left_dense)
-    print(f"\nsample: {job.prompt!r} -> {job.sample!r}")
+    if job.sample is None:
+        print(f"\nstreamed: perplexity and sample skipped (they need the whole model); "
+              f"run `sketchtune ppl {job.out}` to measure")
+    else:
+        print(f"\nsample: {job.prompt!r} -> {job.sample!r}")
 
 
 def cmd_ppl(args) -> None:

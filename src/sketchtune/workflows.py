@@ -27,6 +27,7 @@ from .layout import check_layout
 from .modeling import load_for_eval, load_model, resolve_device
 from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
+from .sketch.streaming import StreamedModel, write_streamed_checkpoint
 from .train.data import build_dataset
 from .train.trainer import prepare_run_dir, resume_checkpoint, train_sketch
 
@@ -50,7 +51,7 @@ class SketchJob:
     perplexity: dict[str, tuple[float, float]]  # text -> (before, after)
     info: dict
     prompt: str
-    sample: str
+    sample: str | None  # None when streamed: the sketched model is not loaded whole just to sample from it
 
 
 def sketch_job(
@@ -59,12 +60,15 @@ def sketch_job(
     s: float | None = None, importance: str | None = None, refit: bool = False, percdamp: float = 0.01,
     dtype: str = "float16", device: str | None = None, seed: int = 0, resume: bool = False,
     eval_data: tuple[str, ...] = ("wikitext2", "tinystories"), eval_seqlen: int = 256, eval_windows: int = 40,
-    prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True,
+    prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True, stream: bool = False,
 ) -> SketchJob:
     """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost.
 
     Finished layers are kept in ``.<out>.partial`` beside ``out`` until the checkpoint is saved, so a killed run
-    continues with ``resume=True`` (``--resume``) after its last finished layer.
+    continues with ``resume=True`` (``--resume``) after its last finished layer. ``stream=True`` never holds the
+    whole model: one decoder layer is read from the safetensors shards at a time and the checkpoint is written
+    layer by layer (:mod:`sketchtune.sketch.streaming`); perplexity and the sample are then skipped, as they would
+    need the whole model (run ``sketchtune ppl OUT`` on a machine that holds it).
     """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
     spec = model or str(BUNDLED_MODEL)
@@ -80,6 +84,21 @@ def sketch_job(
     if resume and not (partial / "progress.json").is_file():
         raise SketchError(f"--resume: no partial sketch for {out_dir} (expected {partial})")
     dev = resolve_device(device)
+    settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
+                    s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
+                    percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress, progress_dir=partial,
+                    resume=resume)
+    if stream:
+        from transformers import AutoTokenizer
+
+        streamed = StreamedModel(spec, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(spec)
+        report = sketch_model(streamed.model, tok, stream=streamed, **settings)
+        streamed.model.config.quantization_config.source_model = spec
+        write_streamed_checkpoint(streamed, partial, tok, out_dir, dtype=dtype, overwrite=overwrite)
+        shutil.rmtree(partial, ignore_errors=True)
+        return SketchJob(source=spec, out=out_dir, report=report, eval_seqlen=eval_seqlen, perplexity={},
+                         info=describe(out_dir), prompt=prompt, sample=None)
     base, tok = load_model(spec, dtype=torch.float32, device=dev)
     evals = [e for e in eval_data if e]
 
@@ -89,12 +108,7 @@ def sketch_job(
 
     before, used_seqlen = ppl_row(base)
     base.to("cpu")
-    report = sketch_model(
-        base, tok, calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
-        s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
-        percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress, progress_dir=partial,
-        resume=resume,
-    )
+    report = sketch_model(base, tok, **settings)
     base.config.quantization_config.source_model = spec
     save(base, tok, out_dir, dtype=dtype, overwrite=overwrite)
     shutil.rmtree(partial, ignore_errors=True)  # the checkpoint is complete: the per-layer copies are redundant

@@ -43,16 +43,19 @@ class SketchResult:
 
 
 def prepare_hessian(
-    weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01, keep_damped: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Validate, fix dead columns, damp, and factor H.
 
     Returns ``(W, H, U)`` in fp32: W with dead columns zeroed (their input is always 0, so any value is
-    exact), the damped H, and U = upper Cholesky factor of H⁻¹. If H is still not positive definite the
-    damping grows tenfold up to 100% of the mean diagonal before we give up with a clear error.
+    exact), the damped H (``None`` unless ``keep_damped``), and U = upper Cholesky factor of H⁻¹. If H is still
+    not positive definite the damping grows tenfold up to 100% of the mean diagonal before we give up with a
+    clear error. ``hessian`` is never modified; besides it, at most two c × c matrices are alive at once
+    (the damped copy and its factor, then the factor and H⁻¹, then H⁻¹ and U) — a 5632-wide layer's H is
+    127 MB, so this is what bounds a large model's sketching memory.
     """
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
+    H = hessian.detach().float()
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise SketchError(f"Hessian shape {tuple(H.shape)} does not match weight shape {tuple(W.shape)}")
     if not torch.isfinite(W).all():
@@ -60,18 +63,28 @@ def prepare_hessian(
     if not torch.isfinite(H).all():
         raise SketchError("Hessian contains NaN or Inf values (non-finite activations in calibration?)")
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    mean_diag = torch.diag(H).mean()
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+    diag = torch.diag(H).clone()
+    mean_diag = diag.mean()
     damp = percdamp
     while True:
-        Hd = H + damp * mean_diag * torch.eye(H.shape[0], device=H.device)
+        Hd = H.clone()
+        Hd.diagonal().copy_(diag + damp * mean_diag)  # = H + λI, without a c × c identity
         L, info = torch.linalg.cholesky_ex(Hd)
+        if not keep_damped:
+            Hd = None
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
                 return W, Hd, U
+        else:
+            del L
         if damp >= 1.0:
             raise SketchError(f"Hessian is singular even with damping {damp:g} × mean diagonal")
         damp = min(damp * 10 if damp > 0 else 1e-4, 1.0)
@@ -130,7 +143,7 @@ def sketch_weight(
     :func:`uniform_codebook` for GPTQ.
     """
     check_layout(bits, gpr, weight.shape[1])
-    W, H, U = prepare_hessian(weight, hessian, percdamp)
+    W, H, U = prepare_hessian(weight, hessian, percdamp, keep_damped=refit)
     r, c = W.shape
     k = 2**bits
     group = c // gpr

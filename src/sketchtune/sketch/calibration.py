@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -36,11 +37,21 @@ def calibration_tokens(
     if nsamples < 1 or seqlen < 2:
         raise SketchError(f"need nsamples ≥ 1 and seqlen ≥ 2, got {nsamples} × {seqlen}")
     ids = tokenizer(read_text(source), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return_freed_memory()  # the tokenizer's per-token bookkeeping (~0.5 KB a token) is garbage now
     if ids.numel() < seqlen:
         raise SketchError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise), so a streamed sketch's peak memory is not the
+    tokenizer's transient plus the model's; a no-op where glibc's ``malloc_trim`` is not available."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _StopForward(Exception):
@@ -75,10 +86,10 @@ def move_outside_layers(model: nn.Module, layers_prefix: str, device: torch.devi
         if name == layers_prefix or name.startswith(layers_prefix + "."):
             continue
         for key, p in module._parameters.items():
-            if p is not None:
+            if p is not None and not p.is_meta:  # meta: not read from disk (a streamed model's LM head)
                 p.data = p.data.to(device)
         for key, b in module._buffers.items():
-            if b is not None:
+            if b is not None and not b.is_meta:
                 module._buffers[key] = b.to(device)
 
 
@@ -134,6 +145,7 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[torch.Tensor], devi
         for layer in layers:
             layer.__dict__.pop("forward", None)
         move_outside_layers(model, prefix, home)
+        return_freed_memory()  # the forward's attention scratch
     if any(len(a) != len(hidden) for a in args):
         raise SketchError("the model's forward did not call every decoder layer once per batch; "
                           "unsupported architecture for layer-by-layer calibration")
@@ -171,17 +183,29 @@ class HessianCollector:
         self._seen.clear()  # drop the references that kept input tensors (and their identities) alive
 
     def hessian(self, name: str) -> torch.Tensor:
-        lead = self.leader[name]
-        return self.sums[lead] * (2.0 / self.counts[lead])
+        """H = 2XXᵀ/n of linear ``name`` (after :meth:`close`); linears reading the same input share the tensor."""
+        if self._handles:
+            raise RuntimeError("HessianCollector.close() must be called before reading Hessians")
+        return self.sums[self.leader[name]]
 
     def close(self) -> None:
+        """Stop collecting and turn every Σxxᵀ into H = 2XXᵀ/n in place (no second copy of a c × c matrix)."""
         for h in self._handles:
             h.remove()
+        if self._handles:
+            for lead, total in self.sums.items():
+                total.mul_(2.0 / self.counts[lead])
+        self._handles = []
+
+    def release(self, name: str) -> None:
+        """``name`` is done with its H: drop it once no other linear reading the same input still needs it."""
+        lead = self.leader.pop(name, None)
+        if lead is not None and lead not in self.leader.values():
+            del self.sums[lead]
 
     def hessians(self) -> dict[str, torch.Tensor]:
         """Every linear's H; linears that read the same input get the very same tensor object."""
-        shared = {lead: self.sums[lead] * (2.0 / self.counts[lead]) for lead in self.sums}
-        return {name: shared[lead] for name, lead in self.leader.items()}
+        return {name: self.hessian(name) for name in self.leader}
 
 
 def collect_hessians(

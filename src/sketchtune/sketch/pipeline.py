@@ -41,6 +41,7 @@ from .algorithm import (
 )
 from .calibration import ExpertHessianCollector, HessianCollector, LayerInputs, calibration_tokens, capture_layer_inputs
 from .progress import SketchProgress
+from .streaming import StreamedModel
 
 Method = Literal["sketch", "gptq", "rtn"]
 
@@ -89,6 +90,7 @@ def sketch_model(
     progress_dir: str | os.PathLike | None = None,
     resume: bool = False,
     min_expert_tokens: int = 32,
+    stream: StreamedModel | None = None,
 ) -> SketchReport:
     """Replace every linear inside the decoder layers of ``model`` by a :class:`SketchedLinear`, in place.
 
@@ -97,7 +99,9 @@ def sketch_model(
     last finished layer with a result identical to an uninterrupted run. Fused mixture-of-experts tensors become
     :class:`SketchedExperts`, each expert with Hessians from the tokens routed to it; an expert routed fewer than
     ``min_expert_tokens`` tokens falls back to all tokens' statistics (:class:`ExpertHessianCollector`) and is
-    listed in ``report.expert_fallbacks``. Routers stay dense.
+    listed in ``report.expert_fallbacks``. Routers stay dense. With ``stream`` (``model`` is then
+    ``stream.model``, built on the meta device) each decoder layer is read from disk just before it is sketched
+    and dropped once written to ``progress_dir`` (:mod:`.streaming`), so memory does not grow with depth.
 
     ``method="sketch"`` is SketchTune; ``"gptq"`` the same loop with a uniform grid; ``"rtn"`` plain rounding
     to a uniform grid (needs no calibration). Embeddings and the LM head are never touched.
@@ -128,10 +132,10 @@ def sketch_model(
                     "percdamp": percdamp, "blocksize": blocksize, "batch_size": batch_size, "layers": len(layers),
                     "source_model": getattr(model, "name_or_path", None) or None}
         tracker = (SketchProgress.resume if resume else SketchProgress)(progress_dir, settings)
-    elif resume:
-        raise SketchError("resume=True needs the progress_dir of the run to continue")
-    dev = torch.device(device) if device else next(model.parameters()).device
-    home = next(model.parameters()).device
+    elif resume or stream is not None:
+        raise SketchError("resume and stream need a progress_dir to keep the finished layers in")
+    home = torch.device("cpu") if stream is not None else next(model.parameters()).device  # streamed: on meta now
+    dev = torch.device(device) if device else home
     report = SketchReport(method=method, bits=bits, gpr=gpr)
     names: list[str] = []
     expert_names: list[str] = []
@@ -145,12 +149,16 @@ def sketch_model(
         if tokenizer is None:
             raise SketchError("a tokenizer is needed to build calibration batches")
         tokens = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed)
+        if stream is not None:
+            stream.load_layer(0, layers[0])  # the capture runs layer 0 once, to learn what a layer returns
         inputs = capture_layer_inputs(model, tokens.split(batch_size), dev)
     hidden = inputs.hidden if inputs is not None else None
 
     bar = tqdm(range(len(layers)), desc=f"{method} {bits}-bit gpr{gpr}", disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i]
+        if stream is not None:
+            stream.load_layer(i, layer)
         if tracker is not None and i in tracker.done:  # finished before the interruption: reuse, don't redo
             done = tracker.done[i]
             for ename in done.get("experts", []):
@@ -163,7 +171,7 @@ def sketch_model(
             if inputs is not None:
                 with torch.no_grad():
                     hidden = inputs.call(layer.to(dev), i, hidden)
-            layers[i] = layer.to(home)
+            _put_away(layers, i, layer, home, stream)
             continue
         layer = layer.to(dev)
         linears = linear_modules(layer)
@@ -204,10 +212,14 @@ def sketch_model(
             names.append(full)
             return SketchedLinear.from_codes(result.codebook, result.codes, bits, bias, dtype=W.dtype)
 
-        for lname, lin in linears.items():
+        for lname in list(linears):
+            lin = linears.pop(lname)  # once replaced, nothing holds the dense weight: big layers need the room
             H = collector.hessian(lname) if collector is not None else None
             sketched = sketch_one(f"{prefix}.{i}.{lname}", projection_weight(lin).data, H, lin.bias)
             install_sketched(layer, {lname: sketched})
+            del lin, H
+            if collector is not None:
+                collector.release(lname)
         for ename, module in experts.items():
             n_exp, hidden_dim, inter = expert_shapes(module)
             gu_h, dn_h = expert_collector.hessians(ename) if expert_collector is not None else ([None] * n_exp,) * 2
@@ -230,7 +242,7 @@ def sketch_model(
         report.module_errors.update(layer_errors)
         if tracker is not None:
             tracker.save_layer(i, layer, layer_errors, layer_left, list(experts))
-        layers[i] = layer.to(home)
+        _put_away(layers, i, layer, home, stream)
         if report.module_errors:
             bar.set_postfix(err=f"{report.mean_error:.2e}")
 
@@ -250,3 +262,11 @@ def sketch_model(
         },
     ))
     return report
+
+
+def _put_away(layers: nn.ModuleList, index: int, layer: nn.Module, home: torch.device, stream) -> None:
+    """A finished layer goes back where the model lives — or, streaming, back to the meta device."""
+    if stream is not None:
+        stream.release_layer(index, layer)
+    else:
+        layers[index] = layer.to(home)

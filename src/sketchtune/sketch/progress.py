@@ -1,7 +1,7 @@
 """Resumable sketching: every finished decoder layer is written to disk, so a killed run loses at most one.
 
-A run with a ``progress_dir`` writes, after each layer, ``layer-NNNNN.safetensors`` (that layer's packed codes,
-fp32 codebooks and biases — exactly what the in-memory layer holds) and then ``progress.json`` (the run's
+A run with a ``progress_dir`` writes, after each layer, ``layer-NNNNN.safetensors`` (that layer's whole state:
+packed codes, fp32 codebooks, biases and what stayed dense — exactly what the in-memory layer holds) and then ``progress.json`` (the run's
 settings, the finished layers, their errors and what stayed dense), each atomically. Resuming checks the
 settings match, installs the finished layers, re-captures the calibration inputs (deterministic) and runs
 them through the finished layers instead of re-sketching them, so the result is identical to an uninterrupted
@@ -59,12 +59,7 @@ class SketchProgress:
                    experts: list[str] | None = None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         mods = {n: m for n, m in layer.named_modules() if isinstance(m, SketchedLinear)}
-        tensors = {}
-        for name, m in mods.items():
-            tensors[f"{name}.weight"] = m.weight.detach().cpu().contiguous()
-            tensors[f"{name}.codebook"] = m.codebook.detach().cpu().contiguous()
-            if m.bias is not None:
-                tensors[f"{name}.bias"] = m.bias.detach().cpu().contiguous()
+        tensors = layer_tensors(layer)
         tmp = self.root / (_layer_file(index) + ".tmp")
         save_file(tensors, str(tmp))
         tmp.replace(self.root / _layer_file(index))
@@ -92,6 +87,23 @@ class SketchProgress:
                     new.bias.copy_(tensors[f"{name}.bias"])
             built[name] = new
         return built
+
+
+def layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's whole saved state (sketched codes and codebooks, and whatever stayed dense: norms, routers) on
+    the CPU; a tensor shared under two names is kept under the first, as ``save_pretrained`` does."""
+    tensors, seen = {}, set()
+    for name, t in layer.state_dict().items():
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        tensors[name] = t.detach().cpu().contiguous()
+    return tensors
+
+
+def layer_path(root: str | os.PathLike, index: int) -> Path:
+    """Where a run with progress directory ``root`` keeps finished layer ``index``."""
+    return Path(root) / _layer_file(index)
 
 
 def _layer_file(index: int) -> str:
