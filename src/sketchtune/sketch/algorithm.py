@@ -170,7 +170,7 @@ def sketch_weight(
                 W1[j:] -= U1[j, j:, None] * e[None, :]
                 err[j] = e
                 codes[:, i1 + j] = idx.to(torch.uint8)
-            W[:, i2:] -= err.T @ U[i1:i2, i2:]
+            W[:, i2:].addmm_(err.T, U[i1:i2, i2:], alpha=-1)  # in place: no (r × c) temporary per block
 
     if refit:
         codebook = refit_codebooks(W_orig, H, codes, codebook)

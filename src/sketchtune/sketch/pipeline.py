@@ -39,7 +39,14 @@ from .algorithm import (
     sketch_weight,
     uniform_codebook,
 )
-from .calibration import ExpertHessianCollector, HessianCollector, LayerInputs, calibration_tokens, capture_layer_inputs
+from .calibration import (
+    ExpertHessianCollector,
+    HessianCollector,
+    LayerInputs,
+    calibration_tokens,
+    capture_layer_inputs,
+    return_freed_memory,
+)
 from .progress import SketchProgress
 from .streaming import StreamedModel
 
@@ -152,6 +159,8 @@ def sketch_model(
         if stream is not None:
             stream.load_layer(0, layers[0])  # the capture runs layer 0 once, to learn what a layer returns
         inputs = capture_layer_inputs(model, tokens.split(batch_size), dev)
+        if stream is not None:
+            stream.release_outside()  # the layers' inputs are captured: the embeddings are not read again
     hidden = inputs.hidden if inputs is not None else None
 
     bar = tqdm(range(len(layers)), desc=f"{method} {bits}-bit gpr{gpr}", disable=not progress, unit="layer")
@@ -189,6 +198,8 @@ def sketch_model(
                 if expert_collector is not None and expert_collector.begin_fallback_pass():
                     for h, a, k in zip(hidden, inputs.args[i], inputs.kwargs[i]):
                         layer(h, *a, **k)
+            if stream is not None:
+                return_freed_memory()  # the forward's activations: give the heap back before sketching
             if expert_collector is not None:
                 expert_collector.close()
                 for ename, few in expert_collector.fallbacks.items():
@@ -220,6 +231,8 @@ def sketch_model(
             del lin, H
             if collector is not None:
                 collector.release(lname)
+            if stream is not None:
+                return_freed_memory()
         for ename, module in experts.items():
             n_exp, hidden_dim, inter = expert_shapes(module)
             gu_h, dn_h = expert_collector.hessians(ename) if expert_collector is not None else ([None] * n_exp,) * 2

@@ -9,9 +9,10 @@ written to the run's progress directory. Tensors are renamed and fused exactly a
 time. :func:`write_streamed_checkpoint` then assembles the finished layers into a sharded checkpoint (one shard
 per decoder layer, plus one for the rest, with a ``save_pretrained``-style index), again one layer in memory.
 
-Peak memory ≈ embeddings + one dense decoder layer in the compute dtype + its sketch and Hessians +
-calibration states — independent of depth. The LM head is not needed for calibration (the forward stops at the
-last layer) and is copied straight from the source shard at the end. GGUF files are not streamed:
+Peak memory ≈ one dense decoder layer in the compute dtype + its sketch and Hessians + calibration states —
+independent of depth. The embeddings (kept in the checkpoint's 16-bit dtype) are in memory only while the
+calibration inputs are captured; the LM head is never needed for calibration (the forward stops at the last
+layer). Both are read again from the source shards when the checkpoint is written. GGUF files are not streamed:
 transformers dequantizes them whole on load.
 """
 
@@ -73,6 +74,7 @@ class StreamedModel:
                     self.keys.setdefault(_layer_index(target, self.prefix, len(layers)), {})[key] = file
         self.loaded: set[int] = set()
         self._outside_loaded = False
+        self._upcast = None  # the embeddings' forward hook handing the layers compute-dtype states
 
     def load_outside(self) -> None:
         """Read the embeddings and the other tensors outside the decoder layers (not the untied LM head).
@@ -96,9 +98,21 @@ class StreamedModel:
             if inp.weight.is_meta and out is not None and not out.weight.is_meta:
                 inp.weight = out.weight  # the checkpoint stored the shared table under the LM head's name
             self.model.tie_weights()
-        if keep != dtype:
-            self.model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.to(dtype))
+        if keep != dtype and self._upcast is None:
+            self._upcast = self.model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.to(dtype))
         self._outside_loaded = True
+
+    def release_outside(self) -> None:
+        """Drop the embeddings once the calibration inputs are captured: the layers never read them again, and
+        :func:`write_streamed_checkpoint` reads them anew. A 49k × 2048 bf16 table is 192 MB of peak memory."""
+        for name, module in self.model.named_modules():
+            if name == self.prefix or name.startswith(self.prefix + "."):
+                continue
+            for key, p in module._parameters.items():
+                if p is not None and not p.is_meta:
+                    module._parameters[key] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        self._outside_loaded = False
+        return_freed_memory()
 
     def load_layer(self, index: int, layer: nn.Module) -> None:
         """Read decoder layer ``index``'s weights from the shards into ``layer`` (a no-op when already read)."""
@@ -182,14 +196,15 @@ def write_streamed_checkpoint(
         for i in range(len(layers)):
             tensors = load_file(str(layer_path(progress_dir, i)))
             shard(i + 1, cast({f"{prefix}.{i}.{k}": t for k, t in tensors.items()}))
+        for layer in layers:  # calibration is over: make room for the embeddings and the LM head
+            layer.to("meta")
+        streamed.load_outside()  # released after calibration (or never read, resuming a finished run)
         rest, seen = {}, set()
         for name, t in model.state_dict(keep_vars=True).items():
             if name.startswith(prefix + ".") or t.is_meta or id(t) in seen:
                 continue  # layers are written; a tied tensor is saved once, under its first name
             seen.add(id(t))
             rest[name] = t.detach().contiguous()
-        for layer in layers:  # calibration is over: make room for the LM head
-            layer.to("meta")
         rest.update(streamed.head_tensors(dtype))
         shard(n, cast(rest))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
