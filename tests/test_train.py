@@ -13,7 +13,12 @@ import sketchtune
 from sketchtune.errors import SketchError
 from sketchtune.prompts import format_prompt
 from sketchtune.train.adapter import load_adapter, save_adapter
-from sketchtune.train.data import IGNORE_INDEX, build_dataset, load_instruction_data, tokenize_instructions
+from sketchtune.train.data import (
+    IGNORE_INDEX,
+    build_dataset,
+    load_instruction_data,
+    tokenize_instructions,
+)
 from sketchtune.train.trainer import prepare_for_training, train_sketch
 
 TRAIN_ARGS = dict(max_steps=4, per_device_train_batch_size=2, logging_steps=1, save_steps=2, learning_rate=5e-3,
@@ -246,16 +251,21 @@ def test_every_adapter_error(sketched_dir, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on CPU, tested on Linux")
-def test_ddp_two_processes_match_one_and_write_one_adapter(sketched_dir, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU): the same loss curve as one process with the same global batch."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_and_write_one_adapter(sharding, sketched_dir, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU), data parallel or with codebooks sharded by FSDP2: the same loss
+    curve as one process with the same global batch, and one adapter, written by rank 0."""
     import shutil
+
+    from sketchtune.train.adapter import load_adapter
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["train", str(sketched_dir), "--data", "tinystories", "--max-steps", "3", "--cutoff-len", "32",
               "--logging-steps", "1", "--learning-rate", "1e-2", "--save-steps", "100", "--threads", "1"]
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     two = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "sketchtune", *common, "--out",
-                          str(tmp_path / "ddp"), "--per-device-train-batch-size", "2"],
+                          str(tmp_path / "ddp"), "--per-device-train-batch-size", "2",
+                          *(["--fsdp"] if sharding == "fsdp" else [])],
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("sketch adapter:") == 1  # rank 0 only
@@ -269,3 +279,26 @@ def test_ddp_two_processes_match_one_and_write_one_adapter(sketched_dir, tmp_pat
     # Gradients are all-reduced in another order than one process sums them: equal to float rounding.
     assert curves[0] == pytest.approx(curves[1], rel=1e-3)
     assert (tmp_path / "ddp" / "sketch_adapter.safetensors").is_file()
+    # The adapter holds whole codebooks (gathered from both ranks' shards under FSDP) and loads over the base.
+    model, _ = sketchtune.load(sketched_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("codebook")}
+    load_adapter(model, tmp_path / "ddp")
+    after = {n: p.detach() for n, p in model.named_parameters() if n.endswith("codebook")}
+    assert all(after[n].shape == before[n].shape for n in before)
+    assert all(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_fsdp_refusals(capsys, monkeypatch, sketched_dir, tmp_path):
+    from sketchtune.cli import main
+
+    common = ["train", str(sketched_dir), "--data", "tinystories", "--max-steps", "1", "--cutoff-len", "32",
+              "--out", str(tmp_path / "run")]
+    assert main([*common, "--fsdp"]) == 2  # no torchrun: refused before loading anything
+    err = capsys.readouterr().err
+    assert "launch with torchrun" in err and err.count("\n") == 1, err
+    for extra, message in ((["--save-full"], "--save-full with --fsdp"), (["--resume"], "--resume with --fsdp")):
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; refused before the process group is needed
+        assert main([*common, "--fsdp", *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "sketch_adapter.safetensors").exists()

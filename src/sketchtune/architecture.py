@@ -18,16 +18,17 @@ from .sketched_linear import SketchedLinear
 PROJECTIONS = (nn.Linear, Conv1D)
 
 
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_decoder_layers(model: nn.Module, sketched: bool = False) -> tuple[str, nn.ModuleList]:
     """The ``ModuleList`` of decoder blocks: as long as ``config.num_hidden_layers`` and holding linears.
 
     Works for Llama, Mistral, Qwen2, SmolLM2, Phi-3 and any model following the usual layout, without a
-    per-architecture table.
+    per-architecture table. ``sketched=True`` also finds them once their linears are ``SketchedLinear``.
     """
+    kinds = PROJECTIONS + (SketchedLinear,) if sketched else PROJECTIONS
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers):
-            if any(isinstance(m, PROJECTIONS) for m in module[0].modules()):
+            if any(isinstance(m, kinds) for m in module[0].modules()):
                 return name, module
     arch = type(model).__name__
     raise SketchError(f"unsupported architecture {arch}: no decoder layers with linear projections found")

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     tr.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
     tr.add_argument("--save-full", action="store_true", help="also write a full sketched checkpoint to OUT/full")
+    tr.add_argument("--fsdp", action="store_true",
+                    help="under torchrun: shard the codebooks and their optimizer state across processes "
+                         "(FSDP2; the packed codes stay whole on every rank)")
     for flag, kind, default, help_text in TRAINING_FLAGS:
         extra = {"choices": _scheduler_types()} if flag == "--lr-scheduler-type" else {}
         tr.add_argument(flag, type=kind, default=default, help=help_text, **extra)
@@ -255,7 +258,7 @@ def cmd_train(args) -> None:
     job = train_job(
         args.model, args.data, args.out, eval_data=args.eval_data, val_set_size=args.val_set_size,
         cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs, resume=args.resume,
-        overwrite=args.overwrite, save_full=args.save_full, device=args.device, notify=print,
+        overwrite=args.overwrite, save_full=args.save_full, fsdp=args.fsdp, device=args.device, notify=print,
         bf16=args.bf16, fp16=args.fp16, **training,
     )
     m = job.metrics

@@ -21,7 +21,13 @@ from .checkpoint import check_output_dir, load, save
 from .errors import SketchError
 from .eval.generate import generate
 from .eval.perplexity import perplexity
-from .eval.tasks import TASKS, evaluate_tasks, resolve_tasks, resolve_tasks_dir, task_file
+from .eval.tasks import (
+    TASKS,
+    evaluate_tasks,
+    resolve_tasks,
+    resolve_tasks_dir,
+    task_file,
+)
 from .info import describe
 from .layout import check_layout
 from .modeling import load_for_eval, load_model, resolve_device
@@ -29,7 +35,12 @@ from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
 from .sketch.streaming import StreamedModel, write_streamed_checkpoint
 from .train.data import build_dataset
-from .train.trainer import prepare_run_dir, resume_checkpoint, train_sketch
+from .train.trainer import (
+    check_fsdp_request,
+    prepare_run_dir,
+    resume_checkpoint,
+    train_sketch,
+)
 
 Notify = Callable[[str], None]
 
@@ -135,7 +146,8 @@ class TrainJob:
 def train_job(
     model: str, data: str, out: str | os.PathLike, *, eval_data: str | None = None, val_set_size: int = 0,
     cutoff_len: int = 256, train_on_inputs: bool = False, resume: bool = False, overwrite: bool = False,
-    save_full: bool = False, device: str | None = None, notify: Notify | None = None, **training_args: Any,
+    save_full: bool = False, fsdp: bool = False, device: str | None = None, notify: Notify | None = None,
+    **training_args: Any,
 ) -> TrainJob:
     """Fine-tune the codebooks of the sketched checkpoint ``model`` on ``data`` into the run directory ``out``.
 
@@ -146,6 +158,8 @@ def train_job(
         raise SketchError("--resume and --overwrite contradict each other: continue the run, or start over")
     if training_args.get("bf16") and training_args.get("fp16"):
         raise SketchError("--bf16 and --fp16 exclude each other: pick one autocast precision")
+    if fsdp:
+        check_fsdp_request(resume=resume, save_full=save_full)
     dev = resolve_device(device)
     sketched, tok = load(model, dtype="auto", device=dev)
     if tok is None:
@@ -164,7 +178,7 @@ def train_job(
             raise SketchError(f"--val-set-size {val_set_size} leaves no training examples of {len(train_ds)}")
         split = train_ds.train_test_split(test_size=val_set_size, seed=training_args.get("seed", 42))
         train_ds, eval_ds = split["train"], split["test"]
-    metrics = train_sketch(sketched, tok, train_ds, out, eval_ds, resume=ckpt, save_full=save_full,
+    metrics = train_sketch(sketched, tok, train_ds, out, eval_ds, resume=ckpt, save_full=save_full, fsdp=fsdp,
                            overwrite=overwrite, use_cpu=dev == "cpu", **training_args)
     return TrainJob(out=Path(out), metrics=metrics, resumed_from=metrics["resumed_from"])
 

@@ -41,13 +41,18 @@ def codes_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the model's codebooks (optionally cast to ``dtype``) as a sketch adapter."""
+def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                 codebooks: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's codebooks (optionally cast to ``dtype``) as a sketch adapter.
+
+    ``codebooks`` (module name → whole codebook) replaces reading them from the modules, for a model whose
+    codebooks are sharded across processes (FSDP: see :func:`sketchtune.train.distributed.full_codebooks`).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mods = sketched_modules(model)
-    tensors = {f"{n}.codebook": m.codebook.detach().to(dtype or m.codebook.dtype).cpu().contiguous()
-               for n, m in mods.items()}
+    books = codebooks if codebooks is not None else {n: m.codebook.detach() for n, m in mods.items()}
+    tensors = {f"{n}.codebook": books[n].to(dtype or books[n].dtype).cpu().contiguous() for n in mods}
     meta = {
         "format": "sketchtune-adapter", "version": 1, "modules": sorted(mods),
         "base_fingerprint": codes_fingerprint(model),

@@ -29,7 +29,13 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..checkpoint import save
 from ..errors import SketchError
-from .adapter import checkpoint_codes_fingerprint, codes_fingerprint, save_adapter, sketched_modules
+from .adapter import (
+    checkpoint_codes_fingerprint,
+    codes_fingerprint,
+    save_adapter,
+    sketched_modules,
+)
+from .distributed import full_codebooks, keep_sharded_model, shard_codebooks
 
 CHECKPOINTS = "checkpoints"
 
@@ -99,9 +105,12 @@ def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None
 
 def build_trainer(
     model, tokenizer, train_dataset, eval_dataset=None, out_dir: str | os.PathLike = "sketchtune-run",
-    callbacks: list | None = None, **training_args: Any,
+    callbacks: list | None = None, fsdp: bool = False, **training_args: Any,
 ) -> Trainer:
-    """A ``Trainer`` for codebook fine-tuning; ``training_args`` are ``TrainingArguments`` fields."""
+    """A ``Trainer`` for codebook fine-tuning; ``training_args`` are ``TrainingArguments`` fields.
+
+    ``fsdp=True`` (under ``torchrun``) shards the codebooks across processes (:mod:`.distributed`).
+    """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     defaults: dict[str, Any] = dict(
@@ -111,15 +120,26 @@ def build_trainer(
         eval_strategy="steps" if eval_dataset is not None else "no",
     )
     defaults.update({k: v for k, v in training_args.items() if v is not None})
+    if fsdp:
+        # Trainer saves checkpoints from rank 0 alone, which cannot gather sharded codebooks; an FSDP run writes
+        # its adapter at the end (all ranks gather) and no intermediate checkpoints.
+        defaults["save_strategy"] = "no"
     if eval_dataset is not None and training_args.get("eval_steps") is None:
         defaults["eval_steps"] = defaults["save_steps"]
     try:
         args = TrainingArguments(**defaults)
     except ValueError as e:  # TrainingArguments' own validation (precision flags, schedules, step counts)
         raise SketchError(f"invalid training arguments: {str(e).strip().splitlines()[0]}") from None
+    if fsdp:
+        if args.world_size < 2:  # reading it starts torchrun's process group, which fully_shard needs
+            raise SketchError("--fsdp shards codebooks across processes: launch with torchrun --nproc_per_node N "
+                              "(N ≥ 2)")
+        shard_codebooks(model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                       data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    if fsdp:
+        keep_sharded_model(trainer.accelerator)
     for stock, ours in ((ProgressCallback, NumericProgressCallback), (PrinterCallback, NumericPrinterCallback)):
         if trainer.pop_callback(stock) is not None:
             trainer.add_callback(ours)
@@ -154,9 +174,21 @@ class NumericPrinterCallback(PrinterCallback):
             print(format_logs(logs))
 
 
+def check_fsdp_request(resume: bool | str = False, save_full: bool = False) -> None:
+    """Refuse what an FSDP run cannot do, before anything is loaded."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SketchError("--fsdp shards codebooks across processes: launch with torchrun --nproc_per_node N (N ≥ 2)")
+    if resume:
+        raise SketchError("--resume with --fsdp is not supported: FSDP runs write no intermediate checkpoints")
+    if save_full:
+        raise SketchError("--save-full with --fsdp is not supported: load the run's adapter over the base instead "
+                          "(generate/eval --adapter), or train in one process")
+
+
 def train_sketch(
     model, tokenizer, train_dataset, out_dir: str | os.PathLike, eval_dataset=None, resume: bool | str = False,
-    save_full: bool = False, callbacks: list | None = None, overwrite: bool = False, **training_args: Any,
+    save_full: bool = False, callbacks: list | None = None, overwrite: bool = False, fsdp: bool = False,
+    **training_args: Any,
 ) -> dict:
     """Fine-tune a sketched model's codebooks; writes the sketch adapter (and optionally the full model).
 
@@ -166,13 +198,16 @@ def train_sketch(
     ``out_dir/train_results.json``; ``loss_curve.png`` beside it plots them.
     """
     out = Path(out_dir)
+    if fsdp:
+        check_fsdp_request(resume=resume, save_full=save_full)
     trainable = prepare_for_training(model)
     if resume:
         ckpt = resume if isinstance(resume, str) else resume_checkpoint(out, model)
     else:
         ckpt = None
         prepare_run_dir(out, overwrite)
-    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, out, callbacks, **training_args)
+    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, out, callbacks, fsdp=fsdp,
+                            **training_args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -188,9 +223,10 @@ def train_sketch(
     if eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     metrics["main_process"] = trainer.is_world_process_zero()
+    books = full_codebooks(model) if fsdp else None  # all ranks gather their shards, in step
     if not metrics["main_process"]:  # under torchrun only rank 0 writes the adapter and the results
         return metrics
-    save_adapter(model, out)
+    save_adapter(model, out, codebooks=books)
     if save_full:
         save(model, tokenizer, out / "full", overwrite=True)  # out/full is this run's own output
     (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
