@@ -52,6 +52,12 @@ TRAINING_FLAGS = [
 ]
 
 
+def _training_flags(parser: argparse.ArgumentParser, **defaults) -> None:
+    for flag, kind, default, help_text in TRAINING_FLAGS:
+        extra = {"choices": _scheduler_types()} if flag == "--lr-scheduler-type" else {}
+        parser.add_argument(flag, type=kind, default=defaults.get(flag, default), help=help_text, **extra)
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=_positive_int, default=None,
@@ -82,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="never hold the whole model: read one decoder layer at a time from the safetensors "
                          "shards and write the checkpoint layer by layer (memory independent of depth; "
                          "skips perplexity and sample)")
+    sk.add_argument("--heal-steps", type=int, default=0,
+                    help="then heal the sketch for N steps towards MODEL on --calib (see `sketchtune heal`)")
     sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")
     sk.add_argument("--gpr", type=int, default=1, help="groups per row; must divide every row length")
     sk.add_argument("--calib", default="c4", help="calibration text: .txt/.jsonl/.json or the bundled 'c4'")
@@ -136,15 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fsdp", action="store_true",
                     help="under torchrun: shard the codebooks and their optimizer state across processes "
                          "(FSDP2; the packed codes stay whole on every rank)")
-    for flag, kind, default, help_text in TRAINING_FLAGS:
-        extra = {"choices": _scheduler_types()} if flag == "--lr-scheduler-type" else {}
-        tr.add_argument(flag, type=kind, default=default, help=help_text, **extra)
+    _training_flags(tr)
     precision = tr.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast (codebooks stay fp32 masters)")
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast (codebooks stay fp32 masters)")
     tr.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
     add_eval_tasks_arguments(command("eval-tasks", "math / commonsense accuracy (LLM-Adapters sets)"))
+
+    hl = command("heal", "distil a sketched model's codebooks towards its full-precision teacher (codes frozen)")
+    hl.add_argument("model", help="sketched checkpoint directory")
+    hl.add_argument("--teacher", default=None,
+                    help="full-precision model (default: the model the sketch was made from)")
+    hl.add_argument("--out", required=True, help="output directory of the healed checkpoint (may be MODEL "
+                                                 "itself with --overwrite)")
+    hl.add_argument("--calib", default="c4", help="healing text (calibration text only, never evaluation sets)")
+    hl.add_argument("--nsamples", type=_positive_int, default=128, help="healing windows")
+    hl.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per window")
+    hl.add_argument("--eval-data", default=None, help="held-out text for the KL before/after (default: other "
+                                                      "windows of --calib)")
+    hl.add_argument("--eval-windows", type=_positive_int, default=8, help="windows for the KL before/after")
+    hl.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (loss × T²)")
+    hl.add_argument("--direction", choices=["forward", "reverse"], default="forward",
+                    help="KL(teacher||student) (forward) or KL(student||teacher)")
+    hl.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                    help="dtype of codebooks in the saved checkpoint")
+    hl.add_argument("--resume", action="store_true", help="continue a killed heal into --out")
+    hl.add_argument("--overwrite", action="store_true", help="replace --out (or start a partial heal over)")
+    hl.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    _training_flags(hl, **{"--max-steps": 200, "--learning-rate": 1e-4, "--seed": 1})
 
     ad = command("analyze-delta", "rank / sketch analysis of a fine-tuning update BASE -> TUNED")
     ad.add_argument("base", help="dense model, or a sketched checkpoint")
@@ -185,7 +213,7 @@ def cmd_sketch(args) -> None:
         nsamples=args.nsamples, seqlen=args.seqlen, method=args.method, s=args.s, importance=args.importance,
         refit=args.refit, percdamp=args.percdamp, dtype=args.dtype, device=args.device, seed=args.seed,
         eval_data=tuple(args.eval_data.split(",")), eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
-        prompt=args.prompt, resume=args.resume, stream=args.stream,
+        prompt=args.prompt, resume=args.resume, stream=args.stream, heal_steps=args.heal_steps,
     )
     info, report = job.info, job.report
     print(f"\nSketched {job.source} -> {job.out}  ({report.method}, INT{report.bits}, GPR {report.gpr}, "
@@ -198,6 +226,10 @@ def cmd_sketch(args) -> None:
           f"({info['compression_vs_fp16']:.2f}x smaller); checkpoint {_mb(info['dir_bytes_on_disk'])}")
     print(f"trainable parameters (codebooks): {info['trainable_params']:,}")
     print(f"mean relative layer-output error: {report.mean_error:.3e}")
+    if job.healing is not None:
+        h = job.healing
+        print(f"healed {h.metrics['global_step']} steps: KL to {job.source} on {h.eval_tokens:,} held-out tokens "
+              f"{h.kl_before:.4f} -> {h.kl_after:.4f}")
     _print_left_dense(report.left_dense)
     if job.sample is None:
         print(f"\nstreamed: perplexity and sample skipped (they need the whole model); "
@@ -268,6 +300,22 @@ def cmd_train(args) -> None:
           f"({m['seconds_per_step']:.3f} s/step); train loss {m['train_loss']:.4f}"
           + (f", eval loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
     print(f"sketch adapter: {job.adapter}")
+
+
+def cmd_heal(args) -> None:
+    from .workflows import heal_job
+
+    training = {f[2:].replace("-", "_"): getattr(args, f[2:].replace("-", "_")) for f, *_ in TRAINING_FLAGS}
+    seed = training.pop("seed")
+    job = heal_job(
+        args.model, args.teacher, args.out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+        seed=seed, eval_data=args.eval_data, eval_windows=args.eval_windows, temperature=args.temperature,
+        direction=args.direction, resume=args.resume, overwrite=args.overwrite, dtype=args.dtype,
+        device=args.device, notify=print, **training,
+    )
+    print(f"\nhealed {job.out}: {job.metrics['global_step']} steps on {job.train_tokens:,} calibration tokens "
+          f"in {job.metrics['seconds']:.0f} s")
+    print(f"KL to the teacher on {job.eval_tokens:,} held-out tokens: {job.kl_before:.4f} -> {job.kl_after:.4f}")
 
 
 def cmd_generate(args) -> None:
@@ -347,7 +395,7 @@ def cmd_eval_tasks(args) -> None:
 
 COMMANDS = {
     "sketch": cmd_sketch, "ppl": cmd_ppl, "info": cmd_info, "train": cmd_train, "eval-tasks": cmd_eval_tasks,
-    "analyze-delta": cmd_analyze_delta, "generate": cmd_generate,
+    "analyze-delta": cmd_analyze_delta, "generate": cmd_generate, "heal": cmd_heal,
 }
 
 
@@ -361,6 +409,9 @@ def interrupted_message(args) -> str:
             return (f"interrupted; {ckpt} is kept (step {Path(ckpt).name.split('-')[-1]}): continue with "
                     f"sketchtune train {args.model} --out {args.out} --resume")
         return "interrupted before the first checkpoint was written; nothing to resume"
+    if args.command == "heal":
+        return (f"interrupted; no healed checkpoint was written; finished training steps are kept in the "
+                f"partial heal beside {args.out}: continue with the same command and --resume")
     if args.command == "sketch":
         return ("interrupted; no checkpoint was written (any previous one at --out is unchanged); finished "
                 "layers are kept: continue with the same command and --resume")

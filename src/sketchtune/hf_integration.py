@@ -33,7 +33,8 @@ class SketchTuneConfig(QuantizationConfigMixin):
     mixture-of-experts blocks, whose fused experts modules ``expert_modules`` names); ``format_version``
     is the :mod:`sketchtune.layout` version the codes are packed in. ``s``, ``importance``, ``refit``,
     ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility;
-    ``left_dense`` names every weight matrix inside the decoder layers that stayed dense, and why.
+    ``left_dense`` names every weight matrix inside the decoder layers that stayed dense, and why;
+    ``healing`` records a codebook distillation run after sketching (teacher, steps, tokens, KL before/after).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         source_model: str | None = None,
         left_dense: dict[str, str] | None = None,
         expert_modules: list[str] | None = None,
+        healing: dict[str, Any] | None = None,
         format_version: int | None = FORMAT_VERSION,
         version: str = __version__,
         **kwargs: Any,
@@ -65,6 +67,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         self.source_model = source_model
         self.left_dense = dict(left_dense or {})
         self.expert_modules = list(expert_modules or [])
+        self.healing = healing
         self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.version = version
 

@@ -32,9 +32,17 @@ from .info import describe
 from .layout import check_layout
 from .modeling import load_for_eval, load_model, resolve_device
 from .prompts import DEFAULT_PROMPT, format_prompt
+from .sketch.calibration import calibration_tokens
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
 from .sketch.streaming import StreamedModel, write_streamed_checkpoint
 from .train.data import build_dataset
+from .train.heal import (
+    DistillationTrainer,
+    check_teacher,
+    mean_kl,
+    window_collator,
+    window_dataset,
+)
 from .train.trainer import (
     check_fsdp_request,
     prepare_run_dir,
@@ -63,6 +71,7 @@ class SketchJob:
     info: dict
     prompt: str
     sample: str | None  # None when streamed: the sketched model is not loaded whole just to sample from it
+    healing: "HealJob | None" = None
 
 
 def sketch_job(
@@ -72,6 +81,7 @@ def sketch_job(
     dtype: str = "float16", device: str | None = None, seed: int = 0, resume: bool = False,
     eval_data: tuple[str, ...] = ("wikitext2", "tinystories"), eval_seqlen: int = 256, eval_windows: int = 40,
     prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True, stream: bool = False,
+    heal_steps: int = 0,
 ) -> SketchJob:
     """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost.
 
@@ -79,9 +89,14 @@ def sketch_job(
     continues with ``resume=True`` (``--resume``) after its last finished layer. ``stream=True`` never holds the
     whole model: one decoder layer is read from the safetensors shards at a time and the checkpoint is written
     layer by layer (:mod:`sketchtune.sketch.streaming`); perplexity and the sample are then skipped, as they would
-    need the whole model (run ``sketchtune ppl OUT`` on a machine that holds it).
+    need the whole model (run ``sketchtune ppl OUT`` on a machine that holds it). ``heal_steps`` > 0 heals
+    the saved sketch towards ``model`` on the calibration text (:func:`heal_job`, its defaults otherwise)
+    before it is measured.
     """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
+    if stream and heal_steps:
+        raise SketchError("--heal-steps needs the whole model (teacher and student); it cannot follow --stream: "
+                          "run `sketchtune heal OUT --overwrite` where the model fits")
     spec = model or str(BUNDLED_MODEL)
     name = Path(spec).stem if model else "tinystories-656k"
     out_dir = Path(out or f"sketched-{name}-int{bits}-gpr{gpr}")
@@ -123,12 +138,17 @@ def sketch_job(
     base.config.quantization_config.source_model = spec
     save(base, tok, out_dir, dtype=dtype, overwrite=overwrite)
     shutil.rmtree(partial, ignore_errors=True)  # the checkpoint is complete: the per-layer copies are redundant
+    healing = None
+    if heal_steps:
+        del base
+        healing = heal_job(out_dir, spec, out_dir, calib=calib, overwrite=True, dtype=dtype, device=dev,
+                 max_steps=heal_steps, disable_tqdm=not progress)
     sketched, _ = load(out_dir, dtype=torch.float32, device=dev)
     after, _ = ppl_row(sketched)
     return SketchJob(
         source=spec, out=out_dir, report=report, eval_seqlen=used_seqlen,
         perplexity={e: (b, a) for e, b, a in zip(evals, before, after)}, info=describe(out_dir), prompt=prompt,
-        sample=generate(sketched, tok, prompt, max_new_tokens=sample_tokens),
+        sample=generate(sketched, tok, prompt, max_new_tokens=sample_tokens), healing=healing,
     )
 
 
@@ -181,6 +201,90 @@ def train_job(
     metrics = train_sketch(sketched, tok, train_ds, out, eval_ds, resume=ckpt, save_full=save_full, fsdp=fsdp,
                            overwrite=overwrite, use_cpu=dev == "cpu", **training_args)
     return TrainJob(out=Path(out), metrics=metrics, resumed_from=metrics["resumed_from"])
+
+
+@dataclass
+class HealJob:
+    """What healing did: where to, the KL to the teacher before and after on held-out windows, the run's metrics."""
+
+    out: Path
+    kl_before: float
+    kl_after: float
+    eval_tokens: int
+    train_tokens: int
+    metrics: dict
+    resumed_from: str | None
+
+
+def heal_job(
+    model: str | os.PathLike, teacher: str | None, out: str | os.PathLike, *, calib: str = "c4",
+    nsamples: int = 128, seqlen: int = 512, seed: int = 1, eval_data: str | None = None, eval_windows: int = 8,
+    temperature: float = 1.0, direction: str = "forward", resume: bool = False, overwrite: bool = False,
+    dtype: str = "float16", device: str | None = None, notify: Notify | None = None, **training_args: Any,
+) -> HealJob:
+    """Distil the sketched checkpoint ``model``'s codebooks towards ``teacher`` on calibration text into ``out``.
+
+    ``teacher`` defaults to the model the sketch was made from (``quantization_config.source_model``). The
+    KL before/after is measured on ``eval_windows`` windows of ``eval_data`` (default: other windows of the
+    calibration text, seed + 1000). Trainer checkpoints live in ``.<out>.healing`` until the healed checkpoint
+    is written, so a killed run continues with ``resume=True``. ``out`` may be ``model`` itself with
+    ``overwrite=True`` (replaced atomically once healing is done).
+    """
+    out = Path(out)
+    in_place = out.resolve() == Path(model).resolve()
+    if resume and overwrite and not in_place:
+        raise SketchError("--resume and --overwrite contradict each other: continue the run, or start over")
+    if in_place and not overwrite:
+        raise SketchError(f"{out} already holds a sketched checkpoint (the one to heal): pass --overwrite to "
+                          "replace it with the healed one")
+    if not in_place:
+        check_output_dir(out, overwrite)
+    run = out.with_name(f".{out.name}.healing")
+    if run.exists() and not resume:
+        if not overwrite or in_place:
+            raise SketchError(f"a partial heal for {out} is at {run}: pass --resume to continue it, "
+                              "or --overwrite to start over")
+        shutil.rmtree(run)
+    if resume and not run.is_dir():
+        raise SketchError(f"--resume: no partial heal for {out} (expected {run})")
+    dev = resolve_device(device)
+    student, tok = load(model, dtype=torch.float32, device=dev)
+    if tok is None:
+        raise SketchError(f"{model} has no tokenizer files")
+    qc = student.config.quantization_config
+    teacher = teacher or qc.source_model
+    if not teacher:
+        raise SketchError(f"{model} does not record the model it was sketched from: pass --teacher")
+    teacher_model, _ = load_model(teacher, dtype=torch.float32, device=dev)
+    check_teacher(student, teacher_model)
+    context = getattr(student.config, "max_position_embeddings", None) or seqlen
+    seqlen = min(seqlen, context)
+    train_tokens = calibration_tokens(tok, calib, nsamples, seqlen, seed)
+    eval_tokens = calibration_tokens(tok, eval_data or calib, eval_windows, seqlen, seed + 1000)
+    kl_before = mean_kl(student, teacher_model, eval_tokens, temperature=temperature, direction=direction)
+    ckpt: str | bool = False
+    if resume:
+        ckpt = resume_checkpoint(run, student)
+        if notify:
+            notify(f"resuming from {ckpt} (step {Path(ckpt).name.split('-')[-1]})")
+    metrics = train_sketch(
+        student, tok, window_dataset(train_tokens), run, resume=ckpt, use_cpu=dev == "cpu",
+        trainer_class=DistillationTrainer, collator=window_collator,
+        trainer_kwargs={"teacher": teacher_model, "temperature": temperature, "direction": direction},
+        **training_args,
+    )
+    student.eval()
+    kl_after = mean_kl(student, teacher_model, eval_tokens, temperature=temperature, direction=direction)
+    qc.healing = {"teacher": str(teacher), "calibration": {"source": str(calib), "nsamples": nsamples,
+                  "seqlen": seqlen, "seed": seed}, "steps": metrics["global_step"],
+                  "tokens": metrics["global_step"] * seqlen * (training_args.get("per_device_train_batch_size") or 4)
+                  * (training_args.get("gradient_accumulation_steps") or 1),
+                  "temperature": temperature, "direction": direction,
+                  "kl_before": kl_before, "kl_after": kl_after}
+    save(student, tok, out, dtype=dtype, overwrite=overwrite)
+    shutil.rmtree(run, ignore_errors=True)
+    return HealJob(out=out, kl_before=kl_before, kl_after=kl_after, eval_tokens=eval_tokens.numel(),
+                   train_tokens=train_tokens.numel(), metrics=metrics, resumed_from=metrics["resumed_from"])
 
 
 def eval_tasks_job(

@@ -105,11 +105,13 @@ def prepare_run_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None
 
 def build_trainer(
     model, tokenizer, train_dataset, eval_dataset=None, out_dir: str | os.PathLike = "sketchtune-run",
-    callbacks: list | None = None, fsdp: bool = False, **training_args: Any,
+    callbacks: list | None = None, fsdp: bool = False, trainer_class: type[Trainer] = Trainer,
+    trainer_kwargs: dict | None = None, collator=None, **training_args: Any,
 ) -> Trainer:
     """A ``Trainer`` for codebook fine-tuning; ``training_args`` are ``TrainingArguments`` fields.
 
     ``fsdp=True`` (under ``torchrun``) shards the codebooks across processes (:mod:`.distributed`).
+    ``trainer_class`` / ``trainer_kwargs`` / ``collator`` swap the objective (healing's distillation loss).
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -135,9 +137,11 @@ def build_trainer(
             raise SketchError("--fsdp shards codebooks across processes: launch with torchrun --nproc_per_node N "
                               "(N ≥ 2)")
         shard_codebooks(model)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    collator = collator or DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                                  pad_to_multiple_of=8)
+    trainer = trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                            data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                            **(trainer_kwargs or {}))
     if fsdp:
         keep_sharded_model(trainer.accelerator)
     for stock, ours in ((ProgressCallback, NumericProgressCallback), (PrinterCallback, NumericPrinterCallback)):
@@ -188,6 +192,7 @@ def check_fsdp_request(resume: bool | str = False, save_full: bool = False) -> N
 def train_sketch(
     model, tokenizer, train_dataset, out_dir: str | os.PathLike, eval_dataset=None, resume: bool | str = False,
     save_full: bool = False, callbacks: list | None = None, overwrite: bool = False, fsdp: bool = False,
+    trainer_class: type[Trainer] = Trainer, trainer_kwargs: dict | None = None, collator=None,
     **training_args: Any,
 ) -> dict:
     """Fine-tune a sketched model's codebooks; writes the sketch adapter (and optionally the full model).
@@ -207,6 +212,7 @@ def train_sketch(
         ckpt = None
         prepare_run_dir(out, overwrite)
     trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, out, callbacks, fsdp=fsdp,
+                            trainer_class=trainer_class, trainer_kwargs=trainer_kwargs, collator=collator,
                             **training_args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
