@@ -6,6 +6,10 @@ Rule (``SKETCHTUNE_KERNELS``, read on every call so tests and users can flip it 
   pure-PyTorch reference — ``dequantize`` + ``F.linear``, whose autograd is the ground-truth gradient —
   with, on CPU when no codebook gradient is wanted, the layer's dense-Ŵ cache (see :mod:`.dense_cache`);
 * ``reference``: always the reference, never the cache — the ground truth, bit for bit;
+* ``native``: on CPU, inference with up to 16 tokens (decoding) runs the native GEMV straight from the
+  packed codes (:mod:`.cpu_kernels`) and no dense-Ŵ cache is kept, so an eval-mode model holds only its codes
+  and codebooks; everything else as ``reference``. Opt-in while the GEMV is slower than the dense cache on
+  small layers (README "Kernels");
 * ``triton``: always ``sketchtune::linear`` (on CPU it runs its kernels under ``TRITON_INTERPRET=1`` and
   its PyTorch bodies otherwise) — for testing the op and its autograd anywhere. It is also a lever for CPU
   training memory: the op recomputes Ŵ in backward where the reference autograd keeps Ŵ and int64 gather
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import layout
+from . import cpu_kernels
 from .dense_cache import DenseWeightCache
 from .ops import linear, triton_available
 
@@ -28,7 +33,7 @@ BACKEND_ENV = "SKETCHTUNE_KERNELS"
 Backend = Literal["triton", "reference"]
 
 
-_CHOICES = ("auto", "triton", "reference")
+_CHOICES = ("auto", "triton", "reference", "native")
 
 
 def _choice() -> str:
@@ -36,13 +41,15 @@ def _choice() -> str:
     if choice not in _CHOICES:
         choice = choice.lower()
         if choice not in _CHOICES:
-            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton' or 'reference', got {choice!r}")
+            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton', 'reference' or 'native', got {choice!r}")
     return choice
 
 
 def _backend(x: torch.Tensor, choice: str) -> Backend:
-    if choice == "auto":
+    if choice == "auto" or (choice == "native" and x.is_cuda):
         return "triton" if x.is_cuda and triton_available() else "reference"
+    if choice == "native":
+        return "reference"  # the reference path, with the native GEMV for decoding (see sketched_linear)
     return choice  # type: ignore[return-value]
 
 
@@ -68,6 +75,12 @@ def sketched_linear(
     if _backend(x, choice) == "triton":
         return linear(x, packed, codebook, bias, bits, in_features)
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+    if choice == "native" and x.is_cpu and not (codebook.requires_grad and torch.is_grad_enabled()):
+        flat = x.reshape(-1, in_features)
+        if cpu_kernels.handles(flat):
+            y = cpu_kernels.lut_gemv(flat, packed, codebook, bits, in_features)
+            y = y.reshape(*x.shape[:-1], packed.shape[0])
+            return y if b is None else y + b
     if cache is not None and choice == "auto" and x.is_cpu and not torch.compiler.is_compiling():
         if codebook.requires_grad and torch.is_grad_enabled():
             # A codebook gradient is on its way, so an optimizer step may follow — a fused one leaves

@@ -4,7 +4,8 @@
 ``sketchtune::linear``             y = x Ŵᵀ + b, with autograd (∂x, ∂codebook, ∂bias; none for the codes);
                                    ≤ ``GEMV_MAX_TOKENS`` tokens → ``lut_gemv``, more → ``dequantize`` + matmul
 ``sketchtune::dequantize``         Ŵ (out, in) in a given dtype
-``sketchtune::lut_gemv``           x (M, in) → (M, out) straight from the packed codes, fp32 accumulation
+``sketchtune::lut_gemv``           x (M, in) → (M, out) straight from the packed codes, fp32 accumulation;
+                                   on CPU the native AVX-512/AVX2 kernel (:mod:`.cpu_kernels`) when built
 ``sketchtune::codebook_grad``      fp32 (out, gpr, 2^bits) bins of dYᵀX, fused (no ∂L/∂Ŵ in memory)
 ``sketchtune::bin_reduce``         fp32 bins of a dense ∂L/∂Ŵ — the two-step fallback of ``codebook_grad``
 =================================  ==========================================================================
@@ -31,6 +32,7 @@ from types import ModuleType
 import torch
 
 from .. import layout
+from . import cpu_kernels
 
 GEMV_MAX_TOKENS = 8
 """Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
@@ -91,6 +93,8 @@ def lut_gemv(
         return x.new_empty(0, packed.shape[0])
     if triton_runs_on(x):
         return _kernels().lut_gemv(x, packed, codebook, bits, in_features)
+    if cpu_kernels.handles(x):
+        return cpu_kernels.lut_gemv(x, packed, codebook, bits, in_features)
     w = layout.dequantize(packed, codebook, bits, in_features)
     return (x.float() @ w.float().t()).to(x.dtype)
 

@@ -1,0 +1,293 @@
+// y = x · Ŵᵀ for a few tokens, straight from packed codes and per-row codebooks; Ŵ is never materialised.
+//
+// Format (sketchtune/layout.py): every run of 8 codes of a row is `bits` bytes, little-endian, code j at bits
+// [j·bits, (j+1)·bits); codebooks are (out, gpr, 2^bits) fp32; column c belongs to group c / (in / gpr).
+//
+// A chunk of 16 columns (8 for AVX2) is 2·bits bytes (bits bytes): one load, shifted per lane, gives the
+// codes. While a chunk stays inside one group, the group's ≤ 16-entry codebook sits in registers and a
+// permute (vpermps) turns codes into weights; chunks that straddle a group boundary (group sizes that are not
+// a multiple of the chunk) gather from the row's flattened codebooks instead. Accumulation is fp32; x is fp32
+// or bf16. Rows are split across torch's intra-op threads. The AVX-512 and AVX2 bodies are compiled with
+// target attributes and picked at run time, so the extension needs no -march flag and either path can be
+// forced (``isa``: 0 = best available, 1 = AVX2, 2 = AVX-512).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kMaxTokens = 16;
+
+struct Problem {
+  const void* x;        // (M, in) fp32 or bf16, contiguous
+  bool bf16;
+  int64_t M, in, out;
+  const uint8_t* packed;  // (out, row_bytes)
+  int64_t row_bytes;
+  const float* codebook;  // (out, gpr, k)
+  int bits;
+  int64_t gpr;
+  float* y;             // (M, out) fp32
+};
+
+inline uint64_t load_bytes(const uint8_t* p, int64_t n) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, static_cast<size_t>(n));  // x86 is little-endian, as the format is
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------- AVX-512
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+AVX512 inline __m512 load_x16(const Problem& p, int64_t m, int64_t col, __mmask16 mask) {
+  if (p.bf16) {
+    const uint16_t* src = static_cast<const uint16_t*>(p.x) + m * p.in + col;
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, src);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.x) + m * p.in + col);
+}
+
+// 16 codes of `bits` bits from the 2·bits bytes at `src`, as 16 int32 lanes. `avail` is how many bytes may be
+// read there: 8 at once (bits past the chunk are masked off) unless the tensor ends sooner.
+AVX512 inline __m512i codes16(const uint8_t* src, int64_t avail, int bits, __m512i shift_lo, __m512i shift_hi,
+                              __m512i code_mask) {
+  uint64_t word;
+  if (avail >= 8) std::memcpy(&word, src, 8); else word = load_bytes(src, avail);
+  if (bits == 4) {  // nibbles: low then high of each byte, interleaved back into column order
+    const __m128i b = _mm_cvtsi64_si128(static_cast<long long>(word));
+    const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  }
+  const __m512i v = _mm512_set1_epi64(static_cast<long long>(word));
+  const __m256i lo = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(v, shift_lo), code_mask));
+  const __m256i hi = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(v, shift_hi), code_mask));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+template <int kTokens>  // 0: any count up to kMaxTokens (runtime), else exactly kTokens (kept in registers)
+AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t M = kTokens ? kTokens : p.M;
+  const int k = 1 << p.bits;
+  const int64_t group = p.in / p.gpr;
+  const int64_t chunk_bytes = 2 * p.bits;
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i shift_lo = _mm512_mullo_epi64(lane, _mm512_set1_epi64(p.bits));
+  const __m512i shift_hi = _mm512_add_epi64(shift_lo, _mm512_set1_epi64(8LL * p.bits));
+  const __m512i code_mask = _mm512_set1_epi64(k - 1);
+  const __m512i lanes32 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __mmask16 book_mask = static_cast<__mmask16>((1u << k) - 1);
+  const bool aligned_groups = group % 16 == 0;  // every chunk inside one group
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.packed + r * p.row_bytes;
+    const float* books = p.codebook + r * p.gpr * k;
+    __m512 acc[kTokens ? kTokens : kMaxTokens];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    if (aligned_groups) {
+      for (int64_t g = 0; g < p.gpr; ++g) {
+        const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * k);
+        const int64_t end = (g + 1) * group;
+        for (int64_t c = g * group; c < end; c += 16) {
+          const int64_t off = (c / 8) * p.bits;
+          const __m512 w = _mm512_permutexvar_ps(
+              codes16(row + off, p.row_bytes - off, p.bits, shift_lo, shift_hi,
+                      code_mask), book);
+          for (int64_t m = 0; m < M; ++m) {
+            const __m512 xv = p.bf16
+                ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                      reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p.x) + m * p.in + c))), 16))
+                : _mm512_loadu_ps(static_cast<const float*>(p.x) + m * p.in + c);
+            acc[m] = _mm512_fmadd_ps(w, xv, acc[m]);
+          }
+        }
+      }
+    } else {  // groups not a multiple of 16 columns, or a row tail: masked chunks, gathered across groups
+      int64_t g0 = 0;
+      for (int64_t c = 0; c < p.in; c += 16) {
+        const int64_t valid = std::min<int64_t>(16, p.in - c);
+        const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xFFFF)
+                                           : static_cast<__mmask16>((1u << valid) - 1);
+        const int64_t off = (c / 8) * p.bits;
+        const __m512i codes = codes16(row + off, p.row_bytes - off, p.bits,
+                                      shift_lo, shift_hi, code_mask);
+        while ((g0 + 1) * group <= c) ++g0;
+        int64_t g1 = g0;
+        while ((g1 + 1) * group < c + valid) ++g1;
+        __m512 w;
+        if (g0 == g1) {
+          w = _mm512_permutexvar_ps(codes, _mm512_maskz_loadu_ps(book_mask, books + g0 * k));
+        } else {
+          const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lanes32);
+          __m512i grp = _mm512_set1_epi32(static_cast<int>(g0));
+          for (int64_t g = g0 + 1; g <= g1; ++g) {
+            const __mmask16 past = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(g * group)));
+            grp = _mm512_mask_add_epi32(grp, past, grp, _mm512_set1_epi32(1));
+          }
+          const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(grp, _mm512_set1_epi32(k)), codes);
+          w = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
+        }
+        for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, load_x16(p, m, c, mask), acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) p.y[m * p.out + r] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
+  switch (p.M) {
+    case 1: rows_avx512_t<1>(p, r0, r1); break;
+    case 2: rows_avx512_t<2>(p, r0, r1); break;
+    case 4: rows_avx512_t<4>(p, r0, r1); break;
+    default: rows_avx512_t<0>(p, r0, r1);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------- AVX2
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 inline __m256 load_x8(const Problem& p, int64_t m, int64_t col, int64_t valid) {
+  if (valid < 8) {  // the row's tail: no masked 16-bit loads in AVX2, so go through a zeroed buffer
+    alignas(32) float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < valid; ++j) {
+      if (p.bf16) {
+        const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.x)[m * p.in + col + j]) << 16;
+        std::memcpy(&buf[j], &bits, 4);
+      } else {
+        buf[j] = static_cast<const float*>(p.x)[m * p.in + col + j];
+      }
+    }
+    return _mm256_load_ps(buf);
+  }
+  if (p.bf16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.x) + m * p.in + col));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(p.x) + m * p.in + col);
+}
+
+AVX2 inline __m256 book_lookup(__m256i codes, __m256 lo, __m256 hi, int k) {
+  const __m256 a = _mm256_permutevar8x32_ps(lo, codes);
+  if (k <= 8) return a;
+  const __m256 b = _mm256_permutevar8x32_ps(hi, codes);  // permutevar uses the low 3 bits of each code
+  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_cmpgt_epi32(codes, _mm256_set1_epi32(7))));
+}
+
+// 8 codes (one run, `bits` bytes) starting at column c, as 8 int32 lanes.
+AVX2 inline __m256i codes8(const Problem& p, const uint8_t* row, int64_t c, __m256i shifts, __m256i code_mask) {
+  const int64_t off = (c / 8) * p.bits;
+  uint32_t word;
+  if (p.row_bytes - off >= 4) std::memcpy(&word, row + off, 4);
+  else word = static_cast<uint32_t>(load_bytes(row + off, p.row_bytes - off));
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), code_mask);
+}
+
+AVX2 void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
+  const int k = 1 << p.bits;
+  const int64_t group = p.in / p.gpr;
+  const __m256i shifts = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(p.bits));
+  const __m256i code_mask = _mm256_set1_epi32(k - 1);
+  const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m256i book_lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(std::min(k, 8)), lanes);
+  const bool aligned_groups = group % 8 == 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.packed + r * p.row_bytes;
+    const float* books = p.codebook + r * p.gpr * k;
+    __m256 acc[kMaxTokens];
+    for (int64_t m = 0; m < p.M; ++m) acc[m] = _mm256_setzero_ps();
+    if (aligned_groups) {
+      for (int64_t g = 0; g < p.gpr; ++g) {
+        const __m256 lo = _mm256_maskload_ps(books + g * k, book_lanes);
+        const __m256 hi = k > 8 ? _mm256_loadu_ps(books + g * k + 8) : lo;
+        for (int64_t c = g * group, end = (g + 1) * group; c < end; c += 8) {
+          const __m256 w = book_lookup(codes8(p, row, c, shifts, code_mask), lo, hi, k);
+          for (int64_t m = 0; m < p.M; ++m) acc[m] = _mm256_fmadd_ps(w, load_x8(p, m, c, 8), acc[m]);
+        }
+      }
+    } else {
+      int64_t g0 = 0;
+      for (int64_t c = 0; c < p.in; c += 8) {
+        const int64_t valid = std::min<int64_t>(8, p.in - c);
+        const __m256i codes = codes8(p, row, c, shifts, code_mask);
+        while ((g0 + 1) * group <= c) ++g0;
+        int64_t g1 = g0;
+        while ((g1 + 1) * group < c + valid) ++g1;
+        __m256 w;
+        if (g0 == g1) {
+          const __m256 lo = _mm256_maskload_ps(books + g0 * k, book_lanes);
+          w = book_lookup(codes, lo, k > 8 ? _mm256_loadu_ps(books + g0 * k + 8) : lo, k);
+        } else {
+          const __m256i col = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c)), lanes);
+          __m256i grp = _mm256_set1_epi32(static_cast<int>(g0));
+          for (int64_t g = g0 + 1; g <= g1; ++g) {
+            const __m256i past = _mm256_cmpgt_epi32(col, _mm256_set1_epi32(static_cast<int>(g * group - 1)));
+            grp = _mm256_sub_epi32(grp, past);  // past is -1 where col ≥ g·group
+          }
+          const __m256i slot = _mm256_add_epi32(_mm256_mullo_epi32(grp, _mm256_set1_epi32(k)), codes);
+          const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lanes);
+          w = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), books, slot, _mm256_castsi256_ps(live), 4);
+        }
+        for (int64_t m = 0; m < p.M; ++m) acc[m] = _mm256_fmadd_ps(w, load_x8(p, m, c, valid), acc[m]);
+      }
+    }
+    for (int64_t m = 0; m < p.M; ++m) {
+      const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1));
+      const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+      p.y[m * p.out + r] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    }
+  }
+}
+
+int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  return 0;
+}
+
+}  // namespace
+
+// x (M, in) fp32/bf16, packed (out, row_bytes) uint8, codebook (out, gpr, 2^bits) → y (M, out) fp32.
+torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
+                       int64_t in_features, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be (tokens, in_features)");
+  TORCH_CHECK(x.size(0) <= kMaxTokens, "lut_gemv takes at most 16 tokens");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 2, "packed codes must be 2-D uint8");
+  TORCH_CHECK(bits >= 2 && bits <= 4, "bits must be 2, 3 or 4");
+  TORCH_CHECK(packed.size(1) == (in_features + 7) / 8 * bits, "packed row length does not match in_features");
+  TORCH_CHECK(codebook.dim() == 3 && codebook.size(0) == packed.size(0) && codebook.size(2) == (1 << bits),
+              "codebook must be (out, gpr, 2^bits)");
+  TORCH_CHECK(in_features % codebook.size(1) == 0, "gpr must divide in_features");
+  const int have = best_isa();
+  const int use = isa == 0 ? have : static_cast<int>(isa);
+  TORCH_CHECK(use >= 1 && use <= have, "requested instruction set is not available on this CPU");
+  auto xc = x.contiguous();
+  auto pc = packed.contiguous();
+  auto cb = codebook.to(torch::kFloat).contiguous();
+  const int64_t out = packed.size(0);
+  auto y = torch::empty({x.size(0), out}, x.options().dtype(torch::kFloat));
+  Problem p{xc.data_ptr(), x.scalar_type() == torch::kBFloat16, x.size(0), in_features, out,
+            pc.data_ptr<uint8_t>(), pc.size(1), cb.data_ptr<float>(), static_cast<int>(bits), cb.size(1),
+            y.data_ptr<float>()};
+  if (p.M == 0 || out == 0) return y;
+  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+    if (use == 2) rows_avx512(p, r0, r1); else rows_avx2(p, r0, r1);
+  });
+  return y;
+}
+
+int64_t cpu_isa() { return best_isa(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lut_gemv", &lut_gemv, "y = x·Ŵᵀ from packed codes (fp32 out)");
+  m.def("cpu_isa", &cpu_isa, "0: neither, 1: AVX2+FMA, 2: AVX-512");
+}
