@@ -151,13 +151,14 @@ def read_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path, what: str = "corrupt checkpoint") -> list[Path]:
+    """The safetensors files of a ``save_pretrained`` directory: the index's shards, else ``model.safetensors``."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError):
-            raise SketchError("corrupt checkpoint: model.safetensors.index.json is unreadable") from None
+            raise SketchError(f"{what}: model.safetensors.index.json is unreadable") from None
         return [path / s for s in shards]
     return [path / "model.safetensors"]
 

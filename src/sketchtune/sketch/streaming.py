@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..architecture import find_decoder_layers
-from ..checkpoint import DTYPES, check_output_dir, write_atomically
+from ..checkpoint import DTYPES, check_output_dir, weight_files, write_atomically
 from ..errors import SketchError
 from .calibration import return_freed_memory
 from .progress import layer_path
@@ -224,16 +224,8 @@ def write_streamed_checkpoint(
 
 
 def _shards(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError):
-            raise SketchError(f"{index} is unreadable") from None
-        files = [path / f for f in names]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
+    files = weight_files(path, what=str(path))
+    if not (path / "model.safetensors.index.json").is_file() and not files[0].is_file():
         raise SketchError(f"--stream needs safetensors weights; {path} has none (load it whole: drop --stream)")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
