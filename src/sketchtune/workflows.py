@@ -35,20 +35,6 @@ from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.calibration import calibration_tokens
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
 from .sketch.streaming import StreamedModel, write_streamed_checkpoint
-from .train.data import build_dataset
-from .train.heal import (
-    DistillationTrainer,
-    check_teacher,
-    mean_kl,
-    window_collator,
-    window_dataset,
-)
-from .train.trainer import (
-    check_fsdp_request,
-    prepare_run_dir,
-    resume_checkpoint,
-    train_sketch,
-)
 
 Notify = Callable[[str], None]
 
@@ -174,6 +160,11 @@ def train_job(
     Every refusal (contradictory flags, a stale run directory, a resume against another base, bad data)
     happens before training starts; ``notify`` hears which checkpoint a resumed run continues from.
     """
+    # The training stack (Trainer, datasets, and what they pull in: ~250 MB resident) is imported only by
+    # the jobs that train, so `sketch` — perhaps of a model that barely fits — does not carry it.
+    from .train.data import build_dataset
+    from .train.trainer import check_fsdp_request, prepare_run_dir, resume_checkpoint, train_sketch
+
     if resume and overwrite:
         raise SketchError("--resume and --overwrite contradict each other: continue the run, or start over")
     if training_args.get("bf16") and training_args.get("fp16"):
@@ -230,6 +221,9 @@ def heal_job(
     is written, so a killed run continues with ``resume=True``. ``out`` may be ``model`` itself with
     ``overwrite=True`` (replaced atomically once healing is done).
     """
+    from .train.heal import DistillationTrainer, check_teacher, mean_kl, window_collator, window_dataset
+    from .train.trainer import resume_checkpoint, train_sketch
+
     out = Path(out)
     in_place = out.resolve() == Path(model).resolve()
     if resume and overwrite and not in_place:
