@@ -65,6 +65,20 @@ AVX512 inline __m512i codes16(const uint8_t* src, int64_t avail, int bits, __m51
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
     return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
   }
+  if (bits == 2) {  // 16 codes in 32 bits: one broadcast, one per-lane shift
+    const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts),
+                            _mm512_set1_epi32(3));
+  }
+  if (bits == 3) {  // lane j takes the 4 bytes from byte 3j/8 (vpshufb within each 128-bit copy), shifts 3j%8
+    const __m512i pick = _mm512_set_epi8(
+        8, 7, 6, 5, 8, 7, 6, 5, 7, 6, 5, 4, 7, 6, 5, 4, 7, 6, 5, 4, 6, 5, 4, 3, 6, 5, 4, 3, 6, 5, 4, 3,
+        5, 4, 3, 2, 5, 4, 3, 2, 4, 3, 2, 1, 4, 3, 2, 1, 4, 3, 2, 1, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+    const __m512i shifts = _mm512_set_epi32(5, 2, 7, 4, 1, 6, 3, 0, 5, 2, 7, 4, 1, 6, 3, 0);
+    const __m512i bytes = _mm512_shuffle_epi8(
+        _mm512_broadcast_i32x4(_mm_cvtsi64_si128(static_cast<long long>(word))), pick);
+    return _mm512_and_si512(_mm512_srlv_epi32(bytes, shifts), _mm512_set1_epi32(7));
+  }
   const __m512i v = _mm512_set1_epi64(static_cast<long long>(word));
   const __m256i lo = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(v, shift_lo), code_mask));
   const __m256i hi = _mm512_cvtepi64_epi32(_mm512_and_si512(_mm512_srlv_epi64(v, shift_hi), code_mask));
