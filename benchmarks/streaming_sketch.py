@@ -125,12 +125,15 @@ def main() -> None:
     ap.add_argument("--work-dir", default=str(ROOT / "cache" / "streaming"))
     ap.add_argument("--keep", action="store_true", help="keep the random models and sketches (GBs)")
     ap.add_argument("--out", default=str(ROOT / "results" / "streaming_sketch.json"))
+    ap.add_argument("--append", action="store_true", help="keep the rows already in --out (other depths)")
     args = ap.parse_args()
     calib = Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"
     if not calib.is_file():
         raise SystemExit(f"calibration text not found: {calib} (pass --data-dir)")
     work = Path(args.work_dir)
     rows = []
+    if args.append and Path(args.out).is_file():
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["layers"] not in args.layers]
     for layers in args.layers:
         src, out = work / f"llama-{args.hidden}-{layers}L-bf16", work / f"llama-{args.hidden}-{layers}L-int4"
         t = time.perf_counter()
@@ -140,7 +143,10 @@ def main() -> None:
               f"in {time.perf_counter() - t:.0f} s")
         result = run_sketch(src, out, calib, args.nsamples, args.seqlen, args.threads)
         on_disk = sum(f.stat().st_size for f in out.iterdir())
-        row = {"layers": layers, "parameters": size // 2, "bf16_bytes": size, "sketch_bytes_on_disk": on_disk,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip() or None
+        row = {"layers": layers, "commit": commit, "parameters": size // 2, "bf16_bytes": size,
+               "sketch_bytes_on_disk": on_disk,
                **result, "peak_rss_over_bf16": round(result["peak_rss_bytes"] / size, 4)}
         rows.append(row)
         print(f"{layers} layers: peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB = {row['peak_rss_over_bf16']:.3f} x "
@@ -149,7 +155,7 @@ def main() -> None:
             shutil.rmtree(src)
             shutil.rmtree(out)
         payload = {"benchmark": "streaming_sketch", "target": "peak RSS <= 0.25 x bf16 model bytes",
-                   "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "keep")},
+                   "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "keep", "append")},
                    "machine": machine_meta(), "rows": rows}
         write_json(args.out, payload)
     print(f"\n{'layers':>6} {'params':>8} {'bf16 GiB':>9} {'peak RSS GiB':>13} {'ratio':>7} {'sketch s':>9}")
