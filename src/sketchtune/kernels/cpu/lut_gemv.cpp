@@ -103,7 +103,31 @@ AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
     const float* books = p.codebook + r * p.gpr * k;
     __m512 acc[kTokens ? kTokens : kMaxTokens];
     for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    if (aligned_groups) {
+    if (aligned_groups && kTokens == 1) {  // decoding: two accumulators halve the FMA latency chain
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+      for (int64_t g = 0; g < p.gpr; ++g) {
+        const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * k);
+        const int64_t end = (g + 1) * group;
+        int64_t c = g * group;
+        for (; c + 16 < end; c += 32) {
+          const int64_t off0 = (c / 8) * p.bits, off1 = off0 + 2 * p.bits;
+          const __m512 w0 = _mm512_permutexvar_ps(
+              codes16(row + off0, p.row_bytes - off0, p.bits, shift_lo, shift_hi, code_mask), book);
+          const __m512 w1 = _mm512_permutexvar_ps(
+              codes16(row + off1, p.row_bytes - off1, p.bits, shift_lo, shift_hi, code_mask), book);
+          a0 = _mm512_fmadd_ps(w0, load_x16(p, 0, c, all), a0);
+          a1 = _mm512_fmadd_ps(w1, load_x16(p, 0, c + 16, all), a1);
+        }
+        if (c < end) {
+          const int64_t off = (c / 8) * p.bits;
+          const __m512 w = _mm512_permutexvar_ps(
+              codes16(row + off, p.row_bytes - off, p.bits, shift_lo, shift_hi, code_mask), book);
+          a0 = _mm512_fmadd_ps(w, load_x16(p, 0, c, all), a0);
+        }
+      }
+      acc[0] = _mm512_add_ps(a0, a1);
+    } else if (aligned_groups) {
       for (int64_t g = 0; g < p.gpr; ++g) {
         const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * k);
         const int64_t end = (g + 1) * group;
