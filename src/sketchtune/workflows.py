@@ -39,10 +39,23 @@ from .sketch.streaming import StreamedModel, write_streamed_checkpoint
 Notify = Callable[[str], None]
 
 
-def partial_dir(out: str | os.PathLike) -> Path:
-    """Where a sketch into ``out`` keeps its finished layers until the checkpoint is written."""
+def partial_dir(out: str | os.PathLike, kind: str = "partial") -> Path:
+    """Where a job writing ``out`` keeps its unfinished work (a sketch's finished layers: ``partial``; a heal's
+    Trainer checkpoints: ``healing``) until the checkpoint is written."""
     out = Path(out)
-    return out.with_name(f".{out.name}.partial")
+    return out.with_name(f".{out.name}.{kind}")
+
+
+def _claim_partial(partial: Path, out: Path, noun: str, resume: bool, restart: bool, resumable: bool) -> None:
+    """What a killed run left at ``partial``: continued with ``resume`` (refused when there is nothing
+    ``resumable``), discarded with ``restart``, refused otherwise — so nothing is lost or silently reused."""
+    if partial.exists() and not resume:
+        if not restart:
+            raise SketchError(f"a partial {noun} for {out} is at {partial}: pass --resume to continue it, "
+                              "or --overwrite to start over")
+        shutil.rmtree(partial)
+    if resume and not resumable:
+        raise SketchError(f"--resume: no partial {noun} for {out} (expected {partial})")
 
 
 @dataclass
@@ -88,13 +101,8 @@ def sketch_job(
     out_dir = Path(out or f"sketched-{name}-int{bits}-gpr{gpr}")
     check_output_dir(out_dir, overwrite)  # refuse before an expensive sketch, not after it
     partial = partial_dir(out_dir)
-    if partial.exists() and not resume:
-        if not overwrite:
-            raise SketchError(f"a partial sketch for {out_dir} is at {partial}: pass --resume to continue it, "
-                              "or --overwrite to start over")
-        shutil.rmtree(partial)
-    if resume and not (partial / "progress.json").is_file():
-        raise SketchError(f"--resume: no partial sketch for {out_dir} (expected {partial})")
+    _claim_partial(partial, out_dir, "sketch", resume, restart=overwrite,
+                   resumable=(partial / "progress.json").is_file())
     dev = resolve_device(device)
     settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
                     s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
@@ -163,7 +171,12 @@ def train_job(
     # The training stack (Trainer, datasets, and what they pull in: ~250 MB resident) is imported only by
     # the jobs that train, so `sketch` — perhaps of a model that barely fits — does not carry it.
     from .train.data import build_dataset
-    from .train.trainer import check_fsdp_request, prepare_run_dir, resume_checkpoint, train_sketch
+    from .train.trainer import (
+        check_fsdp_request,
+        prepare_run_dir,
+        resume_checkpoint,
+        train_sketch,
+    )
 
     if resume and overwrite:
         raise SketchError("--resume and --overwrite contradict each other: continue the run, or start over")
@@ -221,7 +234,13 @@ def heal_job(
     is written, so a killed run continues with ``resume=True``. ``out`` may be ``model`` itself with
     ``overwrite=True`` (replaced atomically once healing is done).
     """
-    from .train.heal import DistillationTrainer, check_teacher, mean_kl, window_collator, window_dataset
+    from .train.heal import (
+        DistillationTrainer,
+        check_teacher,
+        mean_kl,
+        window_collator,
+        window_dataset,
+    )
     from .train.trainer import resume_checkpoint, train_sketch
 
     out = Path(out)
@@ -233,14 +252,9 @@ def heal_job(
                           "replace it with the healed one")
     if not in_place:
         check_output_dir(out, overwrite)
-    run = out.with_name(f".{out.name}.healing")
-    if run.exists() and not resume:
-        if not overwrite or in_place:
-            raise SketchError(f"a partial heal for {out} is at {run}: pass --resume to continue it, "
-                              "or --overwrite to start over")
-        shutil.rmtree(run)
-    if resume and not run.is_dir():
-        raise SketchError(f"--resume: no partial heal for {out} (expected {run})")
+    run = partial_dir(out, "healing")
+    # In place, --overwrite is what replaces the checkpoint being healed, not permission to discard a partial heal.
+    _claim_partial(run, out, "heal", resume, restart=overwrite and not in_place, resumable=run.is_dir())
     dev = resolve_device(device)
     student, tok = load(model, dtype=torch.float32, device=dev)
     if tok is None:
@@ -271,8 +285,7 @@ def heal_job(
     kl_after = mean_kl(student, teacher_model, eval_tokens, temperature=temperature, direction=direction)
     qc.healing = {"teacher": str(teacher), "calibration": {"source": str(calib), "nsamples": nsamples,
                   "seqlen": seqlen, "seed": seed}, "steps": metrics["global_step"],
-                  "tokens": metrics["global_step"] * seqlen * (training_args.get("per_device_train_batch_size") or 4)
-                  * (training_args.get("gradient_accumulation_steps") or 1),
+                  "tokens": metrics["global_step"] * metrics["examples_per_step"] * seqlen,
                   "temperature": temperature, "direction": direction,
                   "kl_before": kl_before, "kl_after": kl_after}
     save(student, tok, out, dtype=dtype, overwrite=overwrite)

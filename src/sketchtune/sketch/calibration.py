@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Callable, Iterable
 
 import torch
@@ -48,10 +49,17 @@ def calibration_tokens(
 def return_freed_memory() -> None:
     """Hand freed heap back to the OS (glibc keeps it otherwise), so a streamed sketch's peak memory is not the
     tokenizer's transient plus the model's; a no-op where glibc's ``malloc_trim`` is not available."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@cache
+def _malloc_trim():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 class _StopForward(Exception):

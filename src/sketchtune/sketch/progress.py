@@ -51,8 +51,8 @@ class SketchProgress:
         progress = cls(root, settings)
         progress.done = {int(k): v for k, v in saved["done"].items()}
         for i in progress.done:
-            if not (root / _layer_file(i)).is_file():
-                raise SketchError(f"--resume: {root / _layer_file(i)} is missing; start over with --overwrite")
+            if not layer_path(root, i).is_file():
+                raise SketchError(f"--resume: {layer_path(root, i)} is missing; start over with --overwrite")
         return progress
 
     def save_layer(self, index: int, layer: torch.nn.Module, errors: dict[str, float], left: dict[str, str],
@@ -60,9 +60,10 @@ class SketchProgress:
         self.root.mkdir(parents=True, exist_ok=True)
         mods = {n: m for n, m in layer.named_modules() if isinstance(m, SketchedLinear)}
         tensors = layer_tensors(layer)
-        tmp = self.root / (_layer_file(index) + ".tmp")
+        target = layer_path(self.root, index)
+        tmp = target.with_name(target.name + ".tmp")
         save_file(tensors, str(tmp))
-        tmp.replace(self.root / _layer_file(index))
+        tmp.replace(target)
         self.done[index] = {"modules": list(mods), "errors": errors, "left_dense": left, "experts": experts or []}
         payload = {"settings": self.settings, "done": {str(k): v for k, v in sorted(self.done.items())}}
         tmp = self.root / (PROGRESS + ".tmp")
@@ -71,7 +72,7 @@ class SketchProgress:
 
     def load_layer(self, index: int, layer: torch.nn.Module, bits: int) -> dict[str, SketchedLinear]:
         """The finished layer's ``SketchedLinear`` modules (by name relative to the layer), exactly as saved."""
-        tensors = load_file(str(self.root / _layer_file(index)))
+        tensors = load_file(str(layer_path(self.root, index)))
         built = {}
         for name in self.done[index]["modules"]:
             original = layer.get_submodule(name)
@@ -103,8 +104,4 @@ def layer_tensors(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def layer_path(root: str | os.PathLike, index: int) -> Path:
     """Where a run with progress directory ``root`` keeps finished layer ``index``."""
-    return Path(root) / _layer_file(index)
-
-
-def _layer_file(index: int) -> str:
-    return f"layer-{index:05d}.safetensors"
+    return Path(root) / f"layer-{index:05d}.safetensors"

@@ -64,7 +64,7 @@ class StreamedModel:
         renamings = [c for c in self.conversions if isinstance(c, WeightRenaming)]
         converters = [c for c in self.conversions if isinstance(c, WeightConverter)]
         targets = self.model.state_dict()
-        head = _output_embedding_name(self.model)
+        self.head = head = _output_embedding_name(self.model)
         # checkpoint key -> its shard, grouped by the decoder layer it lands in (None: outside the layers)
         self.keys: dict[int | None, dict[str, Path]] = {}
         self.head_keys: dict[str, Path] = {}
@@ -91,7 +91,7 @@ class StreamedModel:
         config, dtype = self.model.config, self.dtype
         # The embeddings stay in the checkpoint's own (usually 16-bit) dtype and hand the layers their output in
         # the compute dtype: the same numbers as upcasting the table, at half its memory.
-        stored = _stored_dtype(self.files, next(iter(self.keys.get(None, {})), None))
+        stored = _stored_dtype(*next(iter(self.keys.get(None, {}).items()), (None, None)))
         keep = stored if stored is not None and stored.itemsize < dtype.itemsize else dtype
         for name, p in self.model.named_parameters():
             if not name.startswith(self.prefix + "."):  # transformers loads into the dtype of the (meta) target
@@ -159,10 +159,10 @@ class StreamedModel:
         """The untied output embeddings, read now (they were never needed for calibration)."""
         if not self.head_keys:
             return {}
-        head = _output_embedding_name(self.model)
-        self.model.get_submodule(head).to(dtype)  # still on meta: sets the dtype it is read into
+        head = self.model.get_submodule(self.head)
+        head.to(dtype)  # still on meta: sets the dtype it is read into
         self._load(self.head_keys, self.model, "the LM head")
-        return {f"{head}.{k}": t.detach().contiguous() for k, t in self.model.get_submodule(head).state_dict().items()}
+        return {f"{self.head}.{k}": t.detach().contiguous() for k, t in head.state_dict().items()}
 
 
 def write_streamed_checkpoint(
@@ -233,13 +233,12 @@ def _shards(path: Path) -> list[Path]:
     return files
 
 
-def _stored_dtype(files: list[Path], key: str | None) -> torch.dtype | None:
-    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for file in files if key else []:
-        with safe_open(str(file), framework="pt") as st:
-            if key in st.keys():
-                return names.get(st.get_slice(key).get_dtype())
-    return None
+def _stored_dtype(key: str | None, file: Path | None) -> torch.dtype | None:
+    """The dtype ``key`` is stored in, from the safetensors header of its shard (``None`` without a key)."""
+    if key is None:
+        return None
+    with safe_open(str(file), framework="pt") as st:
+        return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(st.get_slice(key).get_dtype())
 
 
 def _layer_index(key: str, prefix: str, count: int) -> int | None:

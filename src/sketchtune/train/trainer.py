@@ -222,6 +222,8 @@ def train_sketch(
     metrics: dict[str, Any] = {
         "trainable_params": trainable, "train_loss": result.training_loss, "global_step": result.global_step,
         "seconds": seconds, "resumed_from": ckpt,
+        "examples_per_step": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
         "seconds_per_step": seconds / max(1, result.global_step - (_checkpoint_step(Path(ckpt)) if ckpt else 0)),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "log_history": trainer.state.log_history,
