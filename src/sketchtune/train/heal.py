@@ -69,11 +69,13 @@ class DistillationTrainer(Trainer):
 
 def window_dataset(tokens: torch.Tensor) -> Dataset:
     """Calibration windows (n, seqlen) as a dataset of equal-length examples (no padding needed)."""
-    return Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+    return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
 def window_collator(features: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.tensor([f[k] for f in features]) for k in ("input_ids", "attention_mask")}
+    """Equal-length windows stacked; every token is real, so the attention mask is all ones."""
+    ids = torch.tensor([f["input_ids"] for f in features])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 @torch.no_grad()
