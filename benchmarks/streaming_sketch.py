@@ -3,7 +3,10 @@
 Writes a random-weight Llama (bf16 safetensors, one shard per decoder layer, untied LM head, SmolLM2's
 49,152-token tokenizer) without ever holding it whole, then runs ``sketchtune sketch MODEL --stream`` on it in a
 fresh process at INT4 with a few C4 calibration windows and reads that process's peak resident memory from the
-OS (``ru_maxrss`` of the finished child, from ``wait4``; a 0.2 s ``/proc`` sampler gives the same figure and a timeline).
+OS: ``VmHWM`` of ``/proc/self/status``, written by the child as it exits (a 0.2 s ``/proc`` sampler adds a
+timeline). Not ``ru_maxrss`` from ``wait4``: Linux carries a process's high-water mark across ``execve``, so a
+child spawned by a parent holding 1.6 GB reports at least 1.6 GB whatever it used itself; the random model is
+therefore also written by a separate process, and ``ru_maxrss`` is kept beside ``VmHWM`` as a cross-check.
 Two depths of the same width are run side by side, so the table shows peak memory not growing with depth.
 Random weights are fine here: what is measured is memory and time, not quality.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -74,16 +78,41 @@ def write_random_llama(out: Path, hidden: int, intermediate: int, layers: int, h
     return total
 
 
+#: Runs the sketchtune CLI and, on the way out, writes the process's own peak RSS (VmHWM, kB) to a file.
+REPORT_PEAK = """
+import atexit, os, runpy, sys
+def report():
+    with open('/proc/self/status') as status:
+        hwm = next(line for line in status if line.startswith('VmHWM:'))
+    with open(os.environ['SKETCH_BENCH_PEAK_FILE'], 'w') as out:
+        out.write(hwm.split()[1])
+atexit.register(report)
+sys.argv = ['sketchtune', *sys.argv[1:]]
+runpy.run_module('sketchtune', run_name='__main__', alter_sys=True)
+"""
+
+
+def write_model_in_child(*args) -> int:
+    """:func:`write_random_llama` in a fresh process, so this one stays small (see the module docstring)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(write_random_llama, args)
+
+
 def run_sketch(model: Path, out: Path, calib: Path, nsamples: int, seqlen: int, threads: int) -> dict:
     """``sketchtune sketch --stream`` in a child process; its wall time and peak RSS as the OS reports them."""
-    cmd = [sys.executable, "-m", "sketchtune", "sketch", str(model), "--stream", "--out", str(out), "--overwrite",
+    peak_file = out.with_name(out.name + ".peak")
+    peak_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", REPORT_PEAK, "sketch", str(model), "--stream", "--out", str(out), "--overwrite",
            "--bits", "4", "--gpr", "1", "--calib", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
            "--threads", str(threads)]
     samples: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     log = out.with_name(out.name + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    parent_rss = psutil.Process().memory_info().rss
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "SKETCH_BENCH_PEAK_FILE": str(peak_file)})
     stop = threading.Event()
 
     def sample() -> None:
@@ -104,7 +133,8 @@ def run_sketch(model: Path, out: Path, calib: Path, nsamples: int, seqlen: int, 
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"sketch failed ({proc.returncode}):\n{output[-3000:]}")
-    return {"seconds": round(seconds, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
+    return {"seconds": round(seconds, 1), "peak_rss_bytes": int(peak_file.read_text()) * 1024,
+            "ru_maxrss_bytes": usage.ru_maxrss * 1024, "parent_rss_at_spawn_bytes": parent_rss,
             "peak_rss_sampled_bytes": max((r for _, r in samples), default=0),
             "rss_timeline_mib": [(round(t, 1), round(r / 2**20)) for t, r in samples[:: max(1, len(samples) // 200)]],
             "summary": [line for line in output.splitlines() if line and "\r" not in line][-8:]}
@@ -138,7 +168,7 @@ def main() -> None:
         src, out = work / f"llama-{args.hidden}-{layers}L-bf16", work / f"llama-{args.hidden}-{layers}L-int4"
         t = time.perf_counter()
         shutil.rmtree(src, ignore_errors=True)
-        size = write_random_llama(src, args.hidden, args.intermediate, layers, args.heads, args.kv_heads, args.vocab)
+        size = write_model_in_child(src, args.hidden, args.intermediate, layers, args.heads, args.kv_heads, args.vocab)
         print(f"wrote {src} ({size / 2**30:.2f} GiB bf16, {size // 2 / 1e9:.2f} B parameters) "
               f"in {time.perf_counter() - t:.0f} s")
         result = run_sketch(src, out, calib, args.nsamples, args.seqlen, args.threads)

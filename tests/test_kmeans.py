@@ -30,7 +30,7 @@ def test_matches_brute_force_optimum_on_tiny_inputs():
         centers, assign = weighted_kmeans_1d(x[None], w, k)
         got = float(kmeans_cost(x[None], w[None], centers))
         assert got <= brute_force_cost(x, w, k) * (1 + 1e-4) + 1e-9
-        assert torch.equal(assign, assign_nearest(x[None], centers))
+        assert torch.equal(assign, assign_nearest(x[None], centers, assign.dtype))
 
 
 def test_weights_pull_centres_towards_heavy_points():

@@ -53,10 +53,21 @@ def sketch_both_ways(model, tok, tmp_path, **args):
     sketchtune.sketch_model(whole, tok, **{**ARGS, **args})
     sketchtune.save(whole, tok, tmp_path / "mem", dtype="float32")
     streamed = StreamedModel(tmp_path / "src")
+    outside_in_memory = []  # per load_layer call: is anything outside the decoder (embeddings, head) in memory?
+    load_layer = streamed.load_layer
+
+    def watched(index, layer):
+        outside_in_memory.append(any(not p.is_meta for n, p in streamed.model.named_parameters()
+                                     if not n.startswith(streamed.prefix + ".")))
+        load_layer(index, layer)
+
+    streamed.load_layer = watched
     report = sketchtune.sketch_model(streamed.model, tok, stream=streamed, progress_dir=tmp_path / "partial",
                                      **{**ARGS, **args})
     layers = streamed.model.get_submodule(streamed.prefix)
     assert all(p.is_meta for p in layers.parameters())  # nothing of the decoder stays in memory
+    # the embeddings are read for the calibration capture only, never again while the layers are sketched
+    assert outside_in_memory[0] and not any(outside_in_memory[1:]), outside_in_memory
     write_streamed_checkpoint(streamed, tmp_path / "partial", tok, tmp_path / "str", dtype="float32")
     return tmp_path / "mem", tmp_path / "str", report
 

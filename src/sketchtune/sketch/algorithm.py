@@ -203,3 +203,22 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tens
     """Layer-output error ‖(W − Ŵ)X‖²_F expressed through H = 2XXᵀ: ½·tr((W−Ŵ) H (W−Ŵ)ᵀ)."""
     D = (weight.float() - approx.float())
     return 0.5 * float(((D @ hessian.float()) * D).sum())
+
+
+def relative_output_error(weight: torch.Tensor, sketch: SketchResult, hessian: torch.Tensor,
+                          block_elements: int = 1 << 20) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² (:func:`output_error` over the error of Ŵ = 0), a block of rows at a time.
+
+    Ŵ is decoded block by block from the codes, never whole: for a 5632-wide matrix the whole-matrix form
+    held five r × c temporaries at once, the largest transient of a streamed sketch after the Hessian's factor.
+    """
+    H = hessian.float()
+    r, c = weight.shape
+    step = max(1, block_elements // c)
+    num = den = 0.0
+    for i in range(0, r, step):
+        W = weight[i : i + step].float()
+        D = W - dequantize_codes(sketch.codebook[i : i + step], sketch.codes[i : i + step])
+        num += float(((D @ H) * D).sum())
+        den += float(((W @ H) * W).sum())
+    return num / max(den, 1e-30)

@@ -54,11 +54,36 @@ def return_freed_memory() -> None:
         trim(0)
 
 
-@cache
+#: glibc's mallopt parameter number for the mmap threshold (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_allocations(threshold: int = 16 << 20) -> None:
+    """Serve every allocation of ``threshold`` bytes or more by its own mapping, returned to the OS on free.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), after which every
+    tensor below 32 MB — Hessians, weights, hidden states of a 2048-wide model — is carved from the heap, and
+    the heap's free gaps stay resident between :func:`return_freed_memory` calls: measured sketching a 2048 ×
+    5632 Llama layer, ~100–250 MB of peak RSS. A fixed 16 MB threshold keeps the small, constantly reused
+    blocks of the k-means and GPTQ loops on the heap (they must stay under it: see ``row_chunks``) and maps
+    the rest. Process-wide; a streamed sketch calls it because its peak memory is the product there.
+    A no-op where glibc is not the allocator.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
 def _malloc_trim():
+    libc = _libc()
+    return getattr(libc, "malloc_trim", None) if libc is not None else None
+
+
+@cache
+def _libc():
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
 
 

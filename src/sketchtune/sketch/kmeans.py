@@ -17,8 +17,18 @@ from __future__ import annotations
 import torch
 
 
-def assign_nearest(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centre for every point, row by row.
+def row_chunks(rows: int, points: int, elements: int = 1 << 20) -> range:
+    """Starts of row blocks of about ``elements`` entries each.
+
+    Every per-point temporary of an assignment or a Lloyd step (comparisons, int64 indices, weighted points)
+    is made one block at a time: whole, a 2048 × 5632 matrix's int64 index alone is 92 MB, and a step held
+    several such at once. Rows are independent, so blocking changes no result.
+    """
+    return range(0, rows, max(1, elements // max(points, 1)))
+
+
+def assign_nearest(points: torch.Tensor, centers: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Index of the nearest centre for every point, row by row, as ``dtype``.
 
     ``points`` is (r, n) and ``centers`` (r, k), in any order. Ties go to the lower centre value.
     """
@@ -27,10 +37,17 @@ def assign_nearest(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     # slot = number of midpoints strictly below the point (searchsorted's left side). With k ≤ 16 centres,
     # k−1 vectorised compares into a uint8 count are 2.4× faster on CPU than batched torch.searchsorted.
     count_dtype = torch.uint8 if midpoints.shape[1] < 256 else torch.long
-    slot = torch.zeros(points.shape, dtype=count_dtype, device=points.device)
-    for j in range(midpoints.shape[1]):
-        slot += points > midpoints[:, j : j + 1]
-    return order.gather(1, slot.long())
+    r, n = points.shape
+    out = torch.empty(points.shape, dtype=dtype, device=points.device)
+    blocks = row_chunks(r, n)
+    for i in blocks:
+        rows = slice(i, i + blocks.step)
+        part, mids = points[rows], midpoints[rows]
+        slot = torch.zeros(part.shape, dtype=count_dtype, device=points.device)
+        for j in range(mids.shape[1]):
+            slot += part > mids[:, j : j + 1]
+        out[rows] = order[rows].gather(1, slot.long())
+    return out
 
 
 def weighted_kmeans_1d(
@@ -42,7 +59,8 @@ def weighted_kmeans_1d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster each row of ``points`` (r, n) into ``k`` centres, minimising Σᵢ wᵢ (xᵢ − c(xᵢ))².
 
-    ``weights`` is (n,) or (r, n), non-negative. Returns ``(centers (r, k), assignment (r, n) int64)``.
+    ``weights`` is (n,) or (r, n), non-negative. Returns ``(centers (r, k), assignment (r, n))``, the
+    assignment as uint8 when k ≤ 256 (int64 otherwise).
     Initialisation is the binned exact DP (deterministic), so the result is a pure function of the input.
     Empty clusters are re-seeded at the point that currently costs the most in its row, which is the
     standard remedy and never increases the objective.
@@ -58,28 +76,32 @@ def weighted_kmeans_1d(
     w = torch.where(w.sum(dim=1, keepdim=True) > 0, w, torch.ones_like(w))
     w = (w.clamp_min(0) + 1e-12 * w.mean(dim=1, keepdim=True).clamp_min(1e-30)).expand(r, n)
 
-    # Row chunks bound the (rows, bins, bins) DP tensors and the (rows, points) sort/bin temporaries; rows
-    # are independent, so the chunking does not change the result.
-    chunk = max(1, min((1 << 24) // (min(n, max_bins) + 1) ** 2, (1 << 21) // n))
+    # Row chunks bound the (rows, bins, bins) DP tensors and the (rows, points) sort/bin temporaries to ~8 MB
+    # each, small enough to be recycled by the allocator rather than mapped afresh (see :func:`row_chunks`).
+    chunk = max(1, min((1 << 21) // (min(n, max_bins) + 1) ** 2, row_chunks(r, n).step))
     centers = torch.cat([_dp_init(x[i : i + chunk], w[i : i + chunk], k, max_bins) for i in range(0, r, chunk)])
-    # Assignments are kept as uint8 between steps (int64 only while scatter/gather need it): an (r, n) int64
-    # tensor is 92 MB for a 2048 × 5632 matrix, and the loop would otherwise hold four of them.
+    # Assignments are kept as uint8 (int64 only block by block, where scatter/gather need it): an (r, n) int64
+    # tensor is 92 MB for a 2048 × 5632 matrix.
     compact = torch.uint8 if k <= 256 else torch.long
-    assign = assign_nearest(x, centers).to(compact)
+    assign = assign_nearest(x, centers, compact)
+    blocks = row_chunks(r, n)
     for _ in range(max_iters):
-        index = assign.long()
-        wsum = torch.zeros(r, k, device=x.device).scatter_add_(1, index, w)
-        wxsum = torch.zeros(r, k, device=x.device).scatter_add_(1, index, w * x)
+        wsum = torch.zeros(r, k, device=x.device)
+        wxsum = torch.zeros(r, k, device=x.device)
+        for i in blocks:
+            rows = slice(i, i + blocks.step)
+            index = assign[rows].long()
+            wsum[rows].scatter_add_(1, index, w[rows])
+            wxsum[rows].scatter_add_(1, index, w[rows] * x[rows])
         empty = wsum <= 0
         centers = torch.where(empty, centers, wxsum / wsum.clamp_min(1e-30))
         if bool(empty.any()):
-            centers = _reseed_empty(x, w, centers, index, empty)
-        del index
-        new_assign = assign_nearest(x, centers).to(compact)
+            centers = _reseed_empty(x, w, centers, assign, empty)
+        new_assign = assign_nearest(x, centers, compact)
         if torch.equal(new_assign, assign):
             break
         assign = new_assign
-    return centers, assign.long()
+    return centers, assign
 
 
 def kmeans_cost(points: torch.Tensor, weights: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -149,8 +171,12 @@ def _bins(xs: torch.Tensor, nb: int) -> torch.Tensor:
 
 def _reseed_empty(x, w, centers, assign, empty) -> torch.Tensor:
     """Move each empty centre onto the worst-served point of its row (one per Lloyd step is enough)."""
-    err = w * (x - centers.gather(1, assign)) ** 2
-    worst = err.argmax(dim=1, keepdim=True)
+    worst = torch.empty(x.shape[0], 1, dtype=torch.long, device=x.device)
+    blocks = row_chunks(*x.shape)
+    for i in blocks:
+        rows = slice(i, i + blocks.step)
+        err = w[rows] * (x[rows] - centers[rows].gather(1, assign[rows].long())) ** 2
+        worst[rows] = err.argmax(dim=1, keepdim=True)
     first_empty = empty.float().argmax(dim=1, keepdim=True)
     rows = empty.any(dim=1, keepdim=True)
     reseeded = centers.scatter(1, first_empty, x.gather(1, worst))

@@ -34,7 +34,7 @@ from ..layout import check_layout
 from ..sketched_linear import SketchedLinear
 from .algorithm import (
     Importance,
-    output_error,
+    relative_output_error,
     round_to_nearest,
     sketch_weight,
     uniform_codebook,
@@ -157,6 +157,7 @@ def sketch_model(
             raise SketchError("a tokenizer is needed to build calibration batches")
         tokens = calibration_tokens(tokenizer, calib, nsamples, seqlen, seed)
         if stream is not None:
+            stream.load_outside()
             stream.load_layer(0, layers[0])  # the capture runs layer 0 once, to learn what a layer returns
         inputs = capture_layer_inputs(model, tokens.split(batch_size), dev)
         if stream is not None:
@@ -217,9 +218,7 @@ def sketch_model(
                     )
                 except SketchError as e:
                     raise SketchError(f"{full}: {e}") from None
-                approx = result.dequantize()
-                denom = output_error(W, torch.zeros_like(approx), H)
-                layer_errors[full] = output_error(W, approx, H) / max(denom, 1e-30)
+                layer_errors[full] = relative_output_error(W, result, H)
             names.append(full)
             return SketchedLinear.from_codes(result.codebook, result.codes, bits, bias, dtype=W.dtype)
 

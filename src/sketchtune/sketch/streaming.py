@@ -31,7 +31,7 @@ from torch import nn
 from ..architecture import find_decoder_layers
 from ..checkpoint import DTYPES, check_output_dir, weight_files, write_atomically
 from ..errors import SketchError
-from .calibration import return_freed_memory
+from .calibration import map_large_allocations, return_freed_memory
 from .progress import layer_path
 
 
@@ -54,6 +54,7 @@ class StreamedModel:
                               "(GGUF files are dequantized whole by transformers: drop --stream)")
         self.files = _shards(self.path)
         self.dtype = dtype
+        map_large_allocations()  # streaming is for when memory is short: keep freed blocks from staying resident
         config = AutoConfig.from_pretrained(str(self.path))
         config._name_or_path = str(self.path)
         with init_empty_weights(include_buffers=False):
@@ -119,8 +120,10 @@ class StreamedModel:
         return_freed_memory()
 
     def load_layer(self, index: int, layer: nn.Module) -> None:
-        """Read decoder layer ``index``'s weights from the shards into ``layer`` (a no-op when already read)."""
-        self.load_outside()
+        """Read decoder layer ``index``'s weights from the shards into ``layer`` (a no-op when already read).
+
+        Only the layer: the embeddings are read by :meth:`load_outside`, once, for the calibration capture.
+        """
         if index not in self.loaded:
             self._load(self.keys.get(index, {}), layer, f"{self.prefix}.{index}")
             self.loaded.add(index)
@@ -129,6 +132,12 @@ class StreamedModel:
         """Drop the layer's tensors back to the meta device; it has been written out."""
         layer.to("meta")
         self.loaded.discard(index)
+        return_freed_memory()
+
+    def release_head(self) -> None:
+        """Drop the LM head read by :meth:`head_tensors` back to the meta device."""
+        if self.head:
+            self.model.get_submodule(self.head).to("meta")
         return_freed_memory()
 
     def _load(self, keys: dict[str, Path], scope: nn.Module, what: str) -> None:
@@ -181,7 +190,7 @@ def write_streamed_checkpoint(
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     prefix = streamed.prefix
     layers = model.get_submodule(prefix)  # sketched by now: no nn.Linear left for find_decoder_layers to see
-    n = len(layers) + 1
+    n = len(layers) + 1 + bool(streamed.head_keys)  # the untied LM head gets a shard of its own
 
     def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
@@ -209,8 +218,16 @@ def write_streamed_checkpoint(
                 continue  # layers are written; a tied tensor is saved once, under its first name
             seen.add(id(t))
             rest[name] = t.detach().contiguous()
-        rest.update(streamed.head_tensors(dtype))
-        shard(n, cast(rest))
+        rest = cast(rest)
+        streamed.release_outside()  # only the cast copies are kept: the stored table never meets the head
+        shard(len(layers) + 1, rest)
+        del rest
+        return_freed_memory()
+        head = streamed.head_tensors(dtype)
+        if head:
+            shard(n, cast(head))
+            streamed.release_head()
+            del head
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         model.config.dtype = dtype
