@@ -1,0 +1,112 @@
+"""vLLM quantization plugin: sketched checkpoints (``quant_method: "sketchtune"``) served as they are.
+
+vLLM takes out-of-tree quantization methods through ``register_quantization_config``; the package's
+``vllm.general_plugins`` entry point (pyproject) calls :func:`register` in every vLLM process, so
+``vllm serve SKETCHED_DIR`` and ``LLM(model=SKETCHED_DIR)`` need no flag. A sketched linear keeps the
+checkpoint's two tensors — packed codes under ``weight`` (uint8, out × packed bytes) and the codebooks
+(out, gpr, 2^bits) — and runs :func:`sketchtune.kernels.ops.linear`: the native LUT GEMV on CPU for decoding,
+Ŵ rebuilt for one matmul for prefill, the Triton kernels on CUDA. No dense Ŵ is ever kept.
+
+vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``; both tensors are per output row, so
+its own loaders place each projection's rows at its offset (and split rows between tensor-parallel ranks of a
+column-parallel layer). Splitting a row-parallel layer's *input* columns between ranks would cut codebook
+groups and packed bytes apart: refused with a clear error (serve with ``tensor_parallel_size=1``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import ModelWeightParameter
+
+from ..hf_integration import QUANT_METHOD
+from ..kernels import ops
+from ..layout import check_layout, packed_row_bytes
+
+
+class SketchTuneVllmConfig(QuantizationConfig):
+    """The checkpoint's ``quantization_config``: bits, groups per row and which modules are sketched."""
+
+    def __init__(self, bits: int, gpr: int, modules: list[str], expert_modules: list[str] | None = None) -> None:
+        super().__init__()
+        check_layout(bits, gpr)
+        self.bits, self.gpr, self.modules = bits, gpr, set(modules)
+        if expert_modules:
+            raise ValueError("sketchtune: serving sketched mixture-of-experts layers with vLLM is not supported yet "
+                             f"({len(expert_modules)} expert modules in this checkpoint)")
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70  # CUDA: what Triton needs; vLLM does not ask on CPU
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # read from config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> SketchTuneVllmConfig:
+        return cls(config["bits"], config["gpr"], config.get("modules", []), config.get("expert_modules"))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings and the LM head stay dense, as sketching left them
+        return SketchTuneLinearMethod(self) if self.sketched(prefix) else UnquantizedLinearMethod()
+
+    def sketched(self, prefix: str) -> bool:
+        """Whether the (possibly fused) vLLM module ``prefix`` is sketched; all of its parts or none must be."""
+        head, _, name = prefix.rpartition(".")
+        parts = (getattr(self, "packed_modules_mapping", None) or {}).get(name, [name])
+        found = [(f"{head}.{p}" if head else p) in self.modules for p in parts]
+        if any(found) and not all(found):
+            raise ValueError(f"sketchtune: vLLM fuses {', '.join(parts)} into {prefix}, but only some of them are "
+                             "sketched in this checkpoint")
+        return all(found)
+
+
+class SketchTuneLinearMethod(LinearMethodBase):
+    """Packed codes + codebooks per linear; ``apply`` runs the ``sketchtune::linear`` op."""
+
+    def __init__(self, config: SketchTuneVllmConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
+        bits, gpr = self.config.bits, self.config.gpr
+        if input_size_per_partition != input_size:
+            raise ValueError("sketchtune: a row-parallel layer split across tensor-parallel ranks would cut codebook "
+                             "groups apart; serve sketched checkpoints with tensor_parallel_size=1")
+        check_layout(bits, gpr, input_size)
+        rows = sum(output_partition_sizes)
+        loader = extra.get("weight_loader")
+        codes = ModelWeightParameter(
+            data=torch.empty(rows, packed_row_bytes(input_size, bits), dtype=torch.uint8),
+            input_dim=1, output_dim=0, weight_loader=loader)
+        codebook = ModelWeightParameter(
+            data=torch.empty(rows, gpr, 2**bits, dtype=params_dtype), input_dim=1, output_dim=0, weight_loader=loader)
+        layer.register_parameter("weight", codes)
+        layer.register_parameter("codebook", codebook)
+        layer.sketch_in_features = input_size
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        # Plain parameters from here on (vLLM's loader-carrying subclasses are not needed once loaded).
+        layer.weight = torch.nn.Parameter(layer.weight.data, requires_grad=False)
+        layer.codebook = torch.nn.Parameter(layer.codebook.data, requires_grad=False)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.linear(x, layer.weight, layer.codebook, bias, self.config.bits, layer.sketch_in_features)
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins``: make ``quant_method: "sketchtune"`` known to this vLLM process."""
+    if QUANT_METHOD not in QUANTIZATION_METHODS:
+        register_quantization_config(QUANT_METHOD)(SketchTuneVllmConfig)
