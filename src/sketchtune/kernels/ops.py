@@ -37,6 +37,11 @@ from . import cpu_kernels
 GEMV_MAX_TOKENS = 8
 """Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
 
+CPU_GEMV_MAX_TOKENS = 64
+"""On CPU with the native kernel, up to this many tokens go through the LUT GEMV in blocks of
+:data:`~sketchtune.kernels.cpu_kernels.MAX_TOKENS`: rebuilding Ŵ with PyTorch's gather costs ~80 dense GEMVs
+(576 → 1536), so batched decoding (vLLM with 8–64 requests) is far cheaper a block at a time."""
+
 CODEBOOK_GRAD_ENV = "SKETCHTUNE_CODEBOOK_GRAD"
 
 
@@ -159,6 +164,9 @@ def linear(
     x2d = x.reshape(-1, in_features)
     if x2d.shape[0] <= GEMV_MAX_TOKENS:
         y = lut_gemv(x2d, packed, codebook, bits, in_features)
+    elif x2d.shape[0] <= CPU_GEMV_MAX_TOKENS and not triton_runs_on(x2d) and cpu_kernels.handles(x2d[:1]):
+        block = cpu_kernels.MAX_TOKENS
+        y = torch.cat([lut_gemv(part, packed, codebook, bits, in_features) for part in x2d.split(block)])
     else:
         y = x2d @ dequantize(packed, codebook, bits, in_features, x.dtype).t()
     if bias is not None:
