@@ -24,7 +24,7 @@ import torch
 
 from ..errors import SketchError
 from ..layout import check_layout, dequantize_codes
-from .kmeans import assign_nearest, weighted_kmeans_1d
+from .kmeans import assign_nearest, row_chunks, weighted_kmeans_1d
 from .refit import refit_codebooks
 
 Importance = Literal["paper", "cholesky"]
@@ -213,12 +213,12 @@ def relative_output_error(weight: torch.Tensor, sketch: SketchResult, hessian: t
     held five r × c temporaries at once, the largest transient of a streamed sketch after the Hessian's factor.
     """
     H = hessian.float()
-    r, c = weight.shape
-    step = max(1, block_elements // c)
+    blocks = row_chunks(*weight.shape, block_elements)
     num = den = 0.0
-    for i in range(0, r, step):
-        W = weight[i : i + step].float()
-        D = W - dequantize_codes(sketch.codebook[i : i + step], sketch.codes[i : i + step])
+    for i in blocks:
+        rows = slice(i, i + blocks.step)
+        W = weight[rows].float()
+        D = W - dequantize_codes(sketch.codebook[rows], sketch.codes[rows])
         num += float(((D @ H) * D).sum())
         den += float(((W @ H) * W).sum())
     return num / max(den, 1e-30)

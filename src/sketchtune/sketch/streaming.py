@@ -226,8 +226,8 @@ def write_streamed_checkpoint(
         head = streamed.head_tensors(dtype)
         if head:
             shard(n, cast(head))
+            del head  # before the release, so that its trim can hand the table back
             streamed.release_head()
-            del head
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         model.config.dtype = dtype
