@@ -12,9 +12,10 @@ What runs, all in this one invocation so the variants share the machine's condit
   rounds that interleave the variants, single-threaded by default (``--threads``). Peak training memory is
   the polled peak RSS, above the post-import baseline, of a fresh child process that builds one variant and
   runs two AdamW steps (so variants do not pollute each other's peak). GPR 1 training is also measured
-  through ``sketchtune::linear`` (its PyTorch bodies on CPU: Ŵ recomputed in backward, not saved) for
-  comparison with the reference autograd that CPU uses. (c) QLoRA is LoRA r=16 (peft) over bitsandbytes NF4
-  ``Linear4bit`` projections, which bitsandbytes ≥ 0.45 runs on CPU;
+  through the reference autograd (gather: saves Ŵ and int64 indices per layer) for comparison with the CPU
+  default, ``sketchtune::linear`` on the tiled C++ kernels (nothing per weight saved for the backward).
+  (c) QLoRA is LoRA r=16 (peft) over bitsandbytes NF4 ``Linear4bit`` projections, which bitsandbytes ≥ 0.45
+  runs on CPU;
 * **sketch speed** — ``sketch_weight`` (INT4; GPR 1/4; refit on/off) on 4096×4096 and 11008×4096 random
   weights with a random SPD Hessian, timed on two row subsets and extrapolated linearly in rows (every
   stage of Algorithm 1 and of the refit is linear in rows at fixed columns; the Cholesky is the intercept),
@@ -46,12 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sketchtune.kernels import BACKEND_ENV
-from sketchtune.packing import unpack_codes
+from sketchtune.layout import unpack_codes
 from sketchtune.sketched_linear import SketchedLinear, dequantize
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["dense", "lora", "qlora", "sketchtune-int4-gpr1", "sketchtune-int4-gpr4"]
-OP_PATH_VARIANT, OP_PATH = "sketchtune-int4-gpr1", "sketchtune-int4-gpr1 via sketchtune::linear"
+REF_PATH_VARIANT, REF_PATH = "sketchtune-int4-gpr1", "sketchtune-int4-gpr1 via the reference autograd"
 LAYER_SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]  # (in, out)
 MiB = 2**20
 
@@ -328,27 +329,28 @@ def bench_model(args) -> dict:
     # cheap). Train a QLoRA model that has never run in eval mode.
     models["qlora"] = build("qlora", args)
     steps = {v: make_train_step(m, args) for v, m in models.items()}
-    # Not the CPU default, measured for comparison: sketchtune::linear's PyTorch bodies, which recompute Ŵ in
-    # backward instead of saving it and the int64 gather indices as the reference autograd does.
-    op_step = make_train_step(models[OP_PATH_VARIANT], args)
+    # Not the CPU default since the tiled C++ kernels, measured for comparison: the reference autograd
+    # (gather), which saves Ŵ and an int64 index per weight for the backward where sketchtune::linear
+    # saves only x, the codes and the codebook and walks Ŵ in row tiles.
+    ref_step = make_train_step(models[REF_PATH_VARIANT], args)
 
-    def op_path_step() -> float:
-        with env(BACKEND_ENV, "triton"):
-            return op_step()
+    def ref_path_step() -> float:
+        with env(BACKEND_ENV, "reference"):
+            return ref_step()
 
-    steps[OP_PATH] = op_path_step
+    steps[REF_PATH] = ref_path_step
     for s in steps.values():
         s()  # warm-up: optimizer state allocation, first-call overheads
     r = interleave(steps, args.rounds)
     for v in VARIANTS:
         results[v]["train_step_s"] = r[v]
-    results[OP_PATH_VARIANT]["train_step_s_op_path"] = r[OP_PATH]
-    del models, steps, op_step
+    results[REF_PATH_VARIANT]["train_step_s_reference"] = r[REF_PATH]
+    del models, steps
     print("  peak training memory (one child process per variant) ...", flush=True)
     for v in VARIANTS:
         results[v].update(probe_in_child(v, args))
-    op = probe_in_child(OP_PATH_VARIANT, args, {BACKEND_ENV: "triton"})
-    results[OP_PATH_VARIANT]["train_peak_above_imports_mb_op_path"] = op["train_peak_above_imports_mb"]
+    ref = probe_in_child(REF_PATH_VARIANT, args, {BACKEND_ENV: "reference"})
+    results[REF_PATH_VARIANT]["train_peak_above_imports_mb_reference"] = ref["train_peak_above_imports_mb"]
     return results
 
 
@@ -422,9 +424,9 @@ def print_table(results: dict, rat: dict, prompts: list[int]) -> None:
     print(head)
     for v, r in results.items():
         print(f"{v:<24}" + "".join(f"{r[k]:>19.{d}f}" for _, k, d in cols))
-    r = results[OP_PATH_VARIANT]
-    print(f"{OP_PATH_VARIANT} training through sketchtune::linear (recompute; not the CPU default): "
-          f"{r['train_step_s_op_path']:.2f} s/step, peak {r['train_peak_above_imports_mb_op_path']:.0f} MiB")
+    r = results[REF_PATH_VARIANT]
+    print(f"{REF_PATH_VARIANT} training through the reference autograd (saves Ŵ; not the CPU default): "
+          f"{r['train_step_s_reference']:.2f} s/step, peak {r['train_peak_above_imports_mb_reference']:.0f} MiB")
     for base in ("dense", "lora"):
         print(f"\nratio vs {base}")
         for v in results:

@@ -3,6 +3,9 @@
 Protocol (issue #2): calibration 32 × 512 tokens of C4 (seed 0); WikiText-2 test perplexity over the first
 40 windows of 512 tokens; every configuration is sketched from the same full-precision model in this one
 run, saved as an fp16 checkpoint, reloaded, and evaluated from the reloaded checkpoint — what a user gets.
+``--heal`` adds healed rows (``sketchtune heal``, issue #13): the default k-means sketch at INT4/3/2 × GPR1/4 healed
+towards the FP model on C4 documents sketching and evaluation never see, scored on WikiText-2 and on held-out C4
+documents before, along (``--heal-curve`` steps) and after healing (see ``_healing.py``).
 ``--sweep-s`` adds the k-means importance-exponent sweep (s ∈ {0..4}, both importance definitions);
 ``--paper-importance`` reruns every sketch row with the paper's importance as written; ``--resume`` keeps
 the rows already in ``--out``.
@@ -24,6 +27,7 @@ from pathlib import Path
 import psutil
 import torch
 from _common import PeakRSS
+from _healing import heal_row, split_c4
 
 import sketchtune
 from sketchtune.eval.perplexity import perplexity
@@ -56,9 +60,14 @@ SWEEP_CONFIGS = [
 ]
 # Every sketch configuration again with the paper's importance as written, (1/[H⁻¹]ᵢᵢ)^3.
 PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN_CONFIGS if cfg["method"] == "sketch"]
+# Healing: the three configurations with targets in issue #13 first, then the other three.
+HEAL_CONFIGS = [_sk(2, 4, False), _sk(3, 4, False), _sk(4, 1, False), _sk(4, 4, False), _sk(3, 1, False),
+                _sk(2, 1, False)]
 
 
 def label(cfg: dict) -> str:
+    if cfg.get("healed"):
+        return f"{label(dict(cfg, healed=False))} healed"
     name = {"sketch": "SketchTune", "rtn": "RTN", "gptq": "GPTQ-uniform"}[cfg["method"]]
     parts = [name, f"INT{cfg['bits']}", f"GPR{cfg['gpr']}"]
     if cfg["method"] == "sketch":
@@ -83,8 +92,9 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
     reloaded, _ = sketchtune.load(out, dtype=torch.float32, device=args.device)
     ppl = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
     return {
-        "label": label(cfg), **cfg, **({"s": DEFAULT_S, "importance": DEFAULT_IMPORTANCE, **cfg}
-                                       if cfg["method"] == "sketch" else {}), "wikitext2_ppl": ppl.ppl, "sketch_seconds": report.seconds,
+        "label": label(cfg), **cfg,
+        **({"s": DEFAULT_S, "importance": DEFAULT_IMPORTANCE, **cfg} if cfg["method"] == "sketch" else {}),
+        "wikitext2_ppl": ppl.ppl, "sketch_seconds": report.seconds,
         "peak_rss_bytes": mem.peak, "peak_rss_over_model_bytes": mem.peak - args.base_rss,
         "peak_device_bytes": report.peak_device_bytes, "mean_rel_layer_error": report.mean_error,
         "checkpoint_weight_bytes": info["weights_bytes_on_disk"], "sketched_bytes": info["sketched_bytes"],
@@ -110,6 +120,18 @@ def main() -> None:
     p.add_argument("--only-sweep", action="store_true", help="run only the s sweep")
     p.add_argument("--paper-importance", action="store_true",
                    help="also rerun every sketch configuration with the paper's (1/[H^-1]_ii)^3 importance")
+    p.add_argument("--heal", action="store_true", help="also run the healed rows (HEAL_CONFIGS)")
+    p.add_argument("--only-heal", action="store_true", help="run only the healed rows")
+    p.add_argument("--heal-steps", type=int, default=200)
+    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-batch", type=int, default=4)
+    p.add_argument("--heal-nsamples", type=int, default=512, help="healing windows of --seqlen tokens")
+    p.add_argument("--heal-curve", type=int, nargs="*", default=[25, 50, 100, 150, 200, 300, 400],
+                   help="healing steps at which the curve is scored")
+    p.add_argument("--heal-save-steps", type=int, default=25, help="resumable checkpoint every N healing steps")
+    p.add_argument("--heal-dir", default="benchmarks/cache/heal", help="sketches and partial heals (resumable)")
+    p.add_argument("--heldout-docs", type=int, default=100, help="last C4 documents kept out of everything")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N configurations (smoke test)")
     p.add_argument("--out", default="benchmarks/results/sketch_quality.json")
     p.add_argument("--quiet", action="store_true")
@@ -120,6 +142,8 @@ def main() -> None:
     args.calib = args.calib or str(data / "c4" / "c4_sample_1000.jsonl")
     args.eval_data = args.eval_data or str(data / "wikitext-2-raw" / "wiki.test.raw")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base, tok = load_model(args.model, dtype=torch.float32)
     args.base_rss = psutil.Process().memory_info().rss
     rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).is_file() else []
@@ -128,13 +152,27 @@ def main() -> None:
         fp = perplexity(base.to(args.device), tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
         base.to("cpu")
         rows.insert(0, {"label": "FP32 (dequantized GGUF)", "method": "fp", "wikitext2_ppl": fp.ppl})
-    configs = (([] if args.only_sweep else MAIN_CONFIGS) + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
+    configs = (([] if args.only_sweep or args.only_heal else MAIN_CONFIGS)
+               + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
                + (PAPER_IMPORTANCE_CONFIGS if args.paper_importance else []))
     configs = configs[: args.limit] if args.limit else configs
     print(f"{'configuration':<44}{'wiki2 ppl':>10}{'time s':>9}{'peak MiB':>10}{'bytes/fp16':>11}")
     for row in rows:
         print(f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}  (earlier run)" if row["method"] != "fp"
               else f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}")
+    if args.heal or args.only_heal:
+        split = split_c4(tok, args.calib, args.nsamples, args.seqlen, args.seed, args.heldout_docs, Path(args.heal_dir))
+        for cfg in HEAL_CONFIGS[: args.limit] if args.limit and args.only_heal else HEAL_CONFIGS:
+            name = label(dict(cfg, healed=True))
+            if name in done:
+                continue
+            row = heal_row(base, tok, cfg, args, split, name)
+            rows.append(row)
+            h = row["healing"]
+            print(f"{name:<44}{row['before']['wikitext2_ppl']:>10.3f} -> {row['wikitext2_ppl']:.3f} wiki2, "
+                  f"held-out C4 {row['before']['heldout_c4_ppl']:.3f} -> {row['heldout_c4_ppl']:.3f}, "
+                  f"{h['steps']} steps {h['seconds']:.0f} s", flush=True)
+            _write(args, rows)
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in configs:
             if label(cfg) in done:

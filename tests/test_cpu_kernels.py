@@ -1,4 +1,4 @@
-"""The native CPU GEMV (``kernels/cpu/lut_gemv.cpp``) against the pure-PyTorch reference.
+"""The native CPU kernels (``kernels/cpu/lut_gemv.cpp``, ``tiles.cpp``) against the pure-PyTorch reference.
 
 Random codes and codebooks are right here: what is checked is arithmetic over every layout the format allows
 — bits 2/3/4, group counts that split rows into chunks evenly or not (groups straddling the 16- and 8-column
@@ -105,11 +105,31 @@ def test_native_decoding_gives_the_reference_logits(sketched_dir, monkeypatch):
     assert all(m.dense_cache.weight is None for m in model.modules() if isinstance(m, sketchtune.SketchedLinear))
 
 
+def test_native_perplexity_equals_reference(sketched_dir, monkeypatch):
+    """The bundled sketched model scored with the C++ kernels (prefill tile by tile, no dense-Ŵ cache) gives the
+    reference's perplexity to 1e-3 relative."""
+    import sketchtune
+    from sketchtune.eval.perplexity import perplexity
+
+    monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)  # not Triton's interpreter, if it is installed
+    model, tok = sketchtune.load(sketched_dir, dtype=torch.float32)
+    calls = []
+    real = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(1) or real(*a))
+    scores = {}
+    for backend in ("native", "reference"):
+        monkeypatch.setenv("SKETCHTUNE_KERNELS", backend)
+        scores[backend] = perplexity(model, tok, "tinystories", seqlen=128, max_windows=4, progress=False).ppl
+    assert calls  # the prefill went through the tiles
+    assert abs(scores["native"] / scores["reference"] - 1) < 1e-3, scores
+    assert all(m.dense_cache.weight is None for m in model.modules() if isinstance(m, sketchtune.SketchedLinear))
+
+
 @pytest.mark.parametrize("tokens", [9, 16, 33, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batched_decoding_runs_the_gemv_in_blocks(monkeypatch, tokens, dtype):
     """9–64 tokens (vLLM decoding many requests at once) go through the native GEMV 16 tokens at a time, with the
-    reference's numbers; 65 rebuild Ŵ for one matmul."""
+    reference's numbers; 65 go through the tiled kernel instead."""
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
     calls = []
     real = cpu_kernels.lut_gemv
@@ -125,3 +145,69 @@ def test_batched_decoding_runs_the_gemv_in_blocks(monkeypatch, tokens, dtype):
     calls.clear()
     ops.linear(torch.randn(65, 576).to(dtype), packed, codebook, None, 4, 576)
     assert not calls
+
+
+# --- tiles.cpp: prefill, ∂x and the fused codebook gradient -----------------------------------------------
+
+# (gpr, in, out): one tile, and (in 2048 → 512-row tiles; in 2050 → 496) several tiles with a ragged last one.
+TILE_SHAPES = [(1, 64, 23), (2, 300, 23), (4, 576, 41), (3, 75, 9), (5, 45, 17), (7, 2107, 5), (4, 2048, 1100),
+               (5, 2050, 1030)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tiled_kernels_match_reference_values_and_gradients(bits, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for gpr, inp, out in TILE_SHAPES:
+            packed, codebook = layer(bits, gpr, inp, out, seed=gpr * inp + out)
+            w = layout.dequantize(packed, codebook, bits, inp)
+            for isa in ISAS:  # the AVX-512 permute decoding, and the portable loop (what AVX2 machines run)
+                assert torch.equal(ext.dequantize(packed, codebook, bits, inp, isa), w)
+            for dtype in (torch.float32, torch.bfloat16):
+                x, dy = torch.randn(33, inp).to(dtype), torch.randn(33, out).to(dtype)
+                xd, dyd, wd = x.double(), dy.double(), w.double()
+                ref_cb = layout.bin_reduce(dyd.t() @ xd, packed, bits, gpr)
+                for isa in ISAS:
+                    y = ext.linear_tiled(x, packed, codebook, bits, inp, isa)
+                    gx, gcb = ext.linear_backward(dy, x, packed, codebook, bits, inp, gpr, True, True, isa)
+                    for got, ref in ((y, xd @ wd.t()), (gx, dyd @ wd), (gcb, ref_cb),
+                                     (ext.bin_reduce(dy.t() @ x, packed, bits, gpr, isa), layout.bin_reduce(
+                                         (dy.t() @ x).double(), packed, bits, gpr))):
+                        assert got.dtype == torch.float32 and got.shape == ref.shape
+                        err = (got.double() - ref).abs().max() / ref.abs().max()
+                        assert err < 1e-5, (bits, gpr, inp, out, dtype, isa, float(err))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_linear_op_trains_through_the_tiles(monkeypatch):
+    """On CPU ``sketched_linear`` with a trainable codebook runs ``sketchtune::linear`` on the tiled kernels
+    (nothing per weight saved for the backward) and its gradients are the reference autograd's."""
+    from sketchtune.kernels import BACKEND_ENV, sketched_linear
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
+    calls = []
+    for name in ("linear", "linear_backward"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    packed, codebook = layer(3, 5, 2050, 1030)
+    cb = codebook.clone().requires_grad_()
+    bias = torch.randn(1030, requires_grad=True)
+    x = torch.randn(2, 40, 2050, requires_grad=True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+        y = sketched_linear(x, packed, cb, bias, 3, 2050)
+    # x, the codes and the codebook, nothing the size of Ŵ (1030 × 2050 fp32 = 8.4 MB; the codes are 0.8 MB)
+    assert sum(saved) <= x.nbytes + packed.nbytes + cb.nbytes
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    assert {"linear", "linear_backward"} <= set(calls)
+    grads = x.grad, cb.grad, bias.grad
+    x.grad = cb.grad = bias.grad = None
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    (sketched_linear(x, packed, cb, bias, 3, 2050) * g).sum().backward()
+    for got, ref in zip(grads, (x.grad, cb.grad, bias.grad)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 * float(ref.abs().max()))

@@ -86,7 +86,7 @@ def test_streamed_checkpoint_equals_in_memory_sketch(name, tok, tmp_path):
     ids = torch.arange(5, 45)[None]
     with torch.no_grad():
         logits = reloaded(ids).logits
-    assert torch.equal(logits, AutoModelForCausalLM.from_pretrained(mem, dtype=torch.float32).eval()(ids).logits)
+        assert torch.equal(logits, AutoModelForCausalLM.from_pretrained(mem, dtype=torch.float32).eval()(ids).logits)
     assert json.loads((streamed / "config.json").read_text())["quantization_config"]["modules"] == \
         json.loads((mem / "config.json").read_text())["quantization_config"]["modules"]
     assert len(report.module_errors) > 0

@@ -1,7 +1,9 @@
 """Native CPU kernels (C++, AVX-512 / AVX2 picked at run time), built on first use and cached.
 
 ``cpu/lut_gemv.cpp`` computes y = x·Ŵᵀ for up to 16 tokens straight from the packed codes and codebooks,
-never materialising Ŵ (see the file's header for how). It is compiled with ``torch.utils.cpp_extension.load``
+never materialising Ŵ (see the file's header for how); ``cpu/tiles.cpp`` serves prefill and training: the
+forward, ∂x and the fused codebook gradient walk the layer in ~4 MiB tiles of Ŵ rows, so no whole-layer Ŵ,
+dense ∂Ŵ or int64 index tensor is ever held. It is compiled with ``torch.utils.cpp_extension.load``
 the first time it is needed — about half a minute, once per machine and torch version; the build is cached in
 torch's extension directory — and used by the ``sketchtune::lut_gemv`` op on CPU. Without a compiler, or on a
 CPU with neither AVX2 nor AVX-512, a one-line warning says so and the pure-PyTorch reference path is used.
@@ -24,7 +26,7 @@ ISA_ENV = "SKETCHTUNE_CPU_ISA"
 ENABLE_ENV = "SKETCHTUNE_CPU_KERNELS"
 MAX_TOKENS = 16
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
-_SOURCE = Path(__file__).parent / "cpu" / "lut_gemv.cpp"
+_SOURCES = [Path(__file__).parent / "cpu" / name for name in ("lut_gemv.cpp", "tiles.cpp")]
 
 
 @cache
@@ -33,7 +35,8 @@ def extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        ext = load(name="sketchtune_cpu_v1", sources=[str(_SOURCE)], extra_cflags=["-O3"], verbose=False)
+        ext = load(name="sketchtune_cpu_v6", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
+                   verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         warnings.warn(f"sketchtune: native CPU kernels unavailable ({first.strip()}); using the PyTorch path",
@@ -66,3 +69,37 @@ def lut_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits
              in_features: int) -> torch.Tensor:
     """y (tokens, out) in x's dtype; fp32 accumulation. Call only where :func:`handles` is true."""
     return extension().lut_gemv(x, packed, codebook, bits, in_features, isa()).to(x.dtype)
+
+
+def native(t: torch.Tensor) -> bool:
+    """Whether the tiled kernels (any token count, no AVX requirement beyond the build's) take tensor ``t``."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.uint8) and enabled() \
+        and extension() is not None
+
+
+def dequantize(packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Ŵ (out, in) fp32."""
+    return extension().dequantize(packed, codebook, bits, in_features, isa())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """y = x·Ŵᵀ (tokens, out) in x's dtype, Ŵ one ~4 MiB row tile at a time."""
+    return extension().linear_tiled(x, packed, codebook, bits, in_features, isa()).to(x.dtype)
+
+
+def linear_backward(grad_out: torch.Tensor, x: torch.Tensor | None, packed: torch.Tensor,
+                    codebook: torch.Tensor | None, bits: int, in_features: int, gpr: int, need_x: bool = True,
+                    need_codebook: bool = True):
+    """(∂x fp32 or None, ∂codebook fp32 (out, gpr, 2^bits) or None) of y = x·Ŵᵀ, tile by tile.
+
+    ``codebook`` is needed only for ∂x and ``x`` only for ∂codebook."""
+    empty = packed.new_empty(0, dtype=torch.float32)
+    gx, gcb = extension().linear_backward(grad_out, empty if x is None else x, packed,
+                                          empty if codebook is None else codebook, bits, in_features, gpr,
+                                          need_x, need_codebook, isa())
+    return (gx if need_x else None), (gcb if need_codebook else None)
+
+
+def bin_reduce(grad_weight: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int) -> torch.Tensor:
+    """∂codebook (out, gpr, 2^bits) fp32 from a dense ∂Ŵ."""
+    return extension().bin_reduce(grad_weight, packed, bits, gpr, isa())

@@ -2,14 +2,16 @@
 
 Rule (``SKETCHTUNE_KERNELS``, read on every call so tests and users can flip it at run time):
 
-* ``auto`` (default): ``sketchtune::linear`` (Triton) for CUDA inputs when triton imports; otherwise the
-  pure-PyTorch reference — ``dequantize`` + ``F.linear``, whose autograd is the ground-truth gradient —
-  with, on CPU when no codebook gradient is wanted, the layer's dense-Ŵ cache (see :mod:`.dense_cache`);
+* ``auto`` (default): ``sketchtune::linear`` (Triton) for CUDA inputs when triton imports; on CPU, when a
+  codebook gradient is wanted and the native extension is built, ``sketchtune::linear`` with its C++ tiled bodies
+  (training memory: nothing per weight is saved for the backward); otherwise the pure-PyTorch reference —
+  ``dequantize`` + ``F.linear``, whose autograd is the ground-truth gradient — with, on CPU when no codebook
+  gradient is wanted, the layer's dense-Ŵ cache (see :mod:`.dense_cache`);
 * ``reference``: always the reference, never the cache — the ground truth, bit for bit;
-* ``native``: on CPU, inference with up to 16 tokens (decoding) runs the native GEMV straight from the
-  packed codes (:mod:`.cpu_kernels`) and no dense-Ŵ cache is kept, so an eval-mode model holds only its codes
-  and codebooks; everything else as ``reference``. Opt-in while the GEMV is slower than the dense cache on
-  small layers (README "Kernels");
+* ``native``: on CPU, ``sketchtune::linear`` on the C++ kernels for everything — decoding straight from the
+  packed codes, prefill tile by tile — and no dense-Ŵ cache is kept, so an eval-mode model holds only its
+  codes and codebooks. Opt-in while the GEMV is slower than the dense cache on small layers (README
+  "Kernels");
 * ``triton``: always ``sketchtune::linear`` (on CPU it runs its kernels under ``TRITON_INTERPRET=1`` and
   its PyTorch bodies otherwise) — for testing the op and its autograd anywhere. It is also a lever for CPU
   training memory: the op recomputes Ŵ in backward where the reference autograd keeps Ŵ and int64 gather
@@ -74,15 +76,17 @@ def sketched_linear(
     choice = _choice()
     if _backend(x, choice) == "triton":
         return linear(x, packed, codebook, bias, bits, in_features)
+    training = codebook.requires_grad and torch.is_grad_enabled()
+    if x.is_cpu and (choice == "native" or (choice == "auto" and training)) and cpu_kernels.native(x):
+        # The op on the C++ kernels: decoding from the packed codes, prefill and the backward tile by tile.
+        # Training saves only x, the codes and the codebook, where the reference autograd would keep Ŵ and an
+        # int64 index per weight for every layer until the backward (~12 B a weight).
+        if cache is not None:
+            cache.clear()
+        return linear(x, packed, codebook, bias, bits, in_features)
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    if choice == "native" and x.is_cpu and not (codebook.requires_grad and torch.is_grad_enabled()):
-        flat = x.reshape(-1, in_features)
-        if cpu_kernels.handles(flat):
-            y = cpu_kernels.lut_gemv(flat, packed, codebook, bits, in_features)
-            y = y.reshape(*x.shape[:-1], packed.shape[0])
-            return y if b is None else y + b
     if cache is not None and choice == "auto" and x.is_cpu and not torch.compiler.is_compiling():
-        if codebook.requires_grad and torch.is_grad_enabled():
+        if training:
             # A codebook gradient is on its way, so an optimizer step may follow — a fused one leaves
             # ``_version`` alone — hence the cache goes now and the gather below gives the exact gradient.
             cache.clear()

@@ -6,6 +6,7 @@
 ``sketchtune::dequantize``         Ŵ (out, in) in a given dtype
 ``sketchtune::lut_gemv``           x (M, in) → (M, out) straight from the packed codes, fp32 accumulation;
                                    on CPU the native AVX-512/AVX2 kernel (:mod:`.cpu_kernels`) when built
+``sketchtune::grad_input``         ∂x = ∂y Ŵ (the backward's other half), in ∂y's dtype
 ``sketchtune::codebook_grad``      fp32 (out, gpr, 2^bits) bins of dYᵀX, fused (no ∂L/∂Ŵ in memory)
 ``sketchtune::bin_reduce``         fp32 bins of a dense ∂L/∂Ŵ — the two-step fallback of ``codebook_grad``
 =================================  ==========================================================================
@@ -16,7 +17,9 @@ is usable on every device — Triton on CUDA (or on CPU under ``TRITON_INTERPRET
 PyTorch body computing the same thing, so a CPU ``opcheck`` or an export never hits a missing kernel.
 
 The backward of ``linear`` recomputes Ŵ for ∂x instead of saving it: one dequantize per layer is cheap next
-to the matmul, and saving Ŵ would cost a dense weight of activation memory per layer. ∂codebook uses the
+to the matmul, and saving Ŵ would cost a dense weight of activation memory per layer. On CPU with the native
+extension (:mod:`.cpu_kernels`) every op but the GEMV runs ``cpu/tiles.cpp``: prefill, ∂x and ∂codebook walk
+Ŵ in ~4 MiB row tiles, so not even one whole-layer Ŵ, dense ∂Ŵ or int64 index tensor exists. ∂codebook uses the
 fused kernel unless ``SKETCHTUNE_CODEBOOK_GRAD=unfused`` selects 2-D ``torch.mm`` + ``bin_reduce`` (kept as
 the fallback; which is faster per shape is still to be measured on a GPU). Bins are added with fp32
 atomics, so ∂codebook is not bitwise deterministic on GPU.
@@ -64,10 +67,14 @@ def _kernels() -> ModuleType:
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels run on ``t``'s device: CUDA, or anything under the Triton interpreter."""
+    """Whether the Triton kernels run on ``t``'s device: CUDA; on CPU under Triton's interpreter (a testing
+    aid), unless the native C++ kernels take ``t`` and ``SKETCHTUNE_KERNELS=triton`` does not ask for Triton."""
     if not triton_available():
         return False
-    return t.is_cuda or (t.device.type == "cpu" and _kernels().INTERPRETED)
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and _kernels().INTERPRETED and (
+        os.environ.get("SKETCHTUNE_KERNELS", "").lower() == "triton" or not cpu_kernels.native(t))
 
 
 # --- dequantize -------------------------------------------------------------------------------------------
@@ -79,6 +86,8 @@ def dequantize(
 ) -> torch.Tensor:
     if triton_runs_on(packed):
         return _kernels().dequantize(packed, codebook, bits, in_features, dtype)
+    if cpu_kernels.native(packed):
+        return cpu_kernels.dequantize(packed, codebook, bits, in_features).to(dtype)
     return layout.dequantize(packed, codebook, bits, in_features).to(dtype)
 
 
@@ -109,6 +118,27 @@ def _(x, packed, codebook, bits, in_features):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
+# --- input gradient ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("sketchtune::grad_input", mutates_args=())
+def grad_input(
+    grad_out: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int
+) -> torch.Tensor:
+    if triton_runs_on(grad_out):
+        return grad_out @ _kernels().dequantize(packed, codebook, bits, in_features, grad_out.dtype)
+    if cpu_kernels.native(grad_out):
+        gx = cpu_kernels.linear_backward(grad_out, None, packed, codebook, bits, in_features, codebook.shape[1],
+                                         need_codebook=False)[0]
+        return gx.to(grad_out.dtype)
+    return (grad_out.float() @ layout.dequantize(packed, codebook, bits, in_features).float()).to(grad_out.dtype)
+
+
+@grad_input.register_fake
+def _(grad_out, packed, codebook, bits, in_features):
+    return grad_out.new_empty(grad_out.shape[0], in_features)
+
+
 # --- codebook gradient ------------------------------------------------------------------------------------
 
 
@@ -118,6 +148,8 @@ def codebook_grad(
 ) -> torch.Tensor:
     if triton_runs_on(x):
         return _kernels().codebook_grad(grad_out, x, packed, bits, gpr)
+    if cpu_kernels.native(x):
+        return cpu_kernels.linear_backward(grad_out, x, packed, None, bits, x.shape[1], gpr, need_x=False)[1]
     return layout.bin_reduce(grad_out.float().t() @ x.float(), packed, bits, gpr)
 
 
@@ -130,6 +162,8 @@ def _(grad_out, x, packed, bits, gpr):
 def bin_reduce(grad_weight: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int) -> torch.Tensor:
     if triton_runs_on(grad_weight):
         return _kernels().bin_reduce(grad_weight, packed, bits, gpr)
+    if cpu_kernels.native(grad_weight):
+        return cpu_kernels.bin_reduce(grad_weight, packed, bits, gpr)
     return layout.bin_reduce(grad_weight, packed, bits, gpr)
 
 
@@ -167,6 +201,8 @@ def linear(
     elif x2d.shape[0] <= CPU_GEMV_MAX_TOKENS and not triton_runs_on(x2d) and cpu_kernels.handles(x2d[:1]):
         block = cpu_kernels.MAX_TOKENS
         y = torch.cat([lut_gemv(part, packed, codebook, bits, in_features) for part in x2d.split(block)])
+    elif not triton_runs_on(x2d) and cpu_kernels.native(x2d):
+        y = cpu_kernels.linear(x2d, packed, codebook, bits, in_features)
     else:
         y = x2d @ dequantize(packed, codebook, bits, in_features, x.dtype).t()
     if bias is not None:
@@ -191,11 +227,10 @@ def _backward(ctx, grad_out: torch.Tensor):
     out, gpr, _ = codebook.shape
     dy = grad_out.reshape(-1, out)
     grad_x = grad_codebook = grad_bias = None
+    x2d = x.reshape(-1, in_features)
     if ctx.needs_input_grad[0]:
-        w = dequantize(packed, codebook, bits, in_features, dy.dtype)
-        grad_x = (dy @ w).reshape(x.shape).to(x.dtype)
+        grad_x = grad_input(dy, packed, codebook, bits, in_features).reshape(x.shape).to(x.dtype)
     if ctx.needs_input_grad[2]:
-        x2d = x.reshape(-1, in_features)
         grad_codebook = _codebook_grad(dy.to(x2d.dtype), x2d, packed, bits, gpr).to(codebook.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = dy.float().sum(0).to(ctx.bias_dtype)

@@ -85,6 +85,81 @@ AVX512 inline __m512i codes16(const uint8_t* src, int64_t avail, int bits, __m51
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
+// Ŵ rows [r0, r1) into dst (r1 − r0, in): the GEMV's decoding without the FMA — 16 weights per permute where
+// a chunk lies inside one group, a gather where it straddles two. Used by the tiled kernels (tiles.cpp).
+AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits,
+                                     int64_t gpr, int64_t in, int64_t r0, int64_t r1, float* dst) {
+  const int k = 1 << bits;
+  const int64_t group = in / gpr;
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i shift_lo = _mm512_mullo_epi64(lane, _mm512_set1_epi64(bits));
+  const __m512i shift_hi = _mm512_add_epi64(shift_lo, _mm512_set1_epi64(8LL * bits));
+  const __m512i code_mask = _mm512_set1_epi64(k - 1);
+  const __m512i lanes32 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __mmask16 book_mask = static_cast<__mmask16>((1u << k) - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = packed + r * row_bytes;
+    const float* books = codebook + r * gpr * k;
+    float* d = dst + (r - r0) * in;
+    int64_t g0 = 0;
+    for (int64_t c = 0; c < in; c += 16) {
+      const int64_t valid = std::min<int64_t>(16, in - c);
+      const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+      const int64_t off = (c / 8) * bits;
+      const __m512i codes = codes16(row + off, row_bytes - off, bits, shift_lo, shift_hi, code_mask);
+      while ((g0 + 1) * group <= c) ++g0;
+      int64_t g1 = g0;
+      while ((g1 + 1) * group < c + valid) ++g1;
+      __m512 w;
+      if (g0 == g1) {
+        w = _mm512_permutexvar_ps(codes, _mm512_maskz_loadu_ps(book_mask, books + g0 * k));
+      } else {
+        const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lanes32);
+        __m512i grp = _mm512_set1_epi32(static_cast<int>(g0));
+        for (int64_t g = g0 + 1; g <= g1; ++g) {
+          const __mmask16 past = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(g * group)));
+          grp = _mm512_mask_add_epi32(grp, past, grp, _mm512_set1_epi32(1));
+        }
+        const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(grp, _mm512_set1_epi32(k)), codes);
+        w = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
+      }
+      _mm512_mask_storeu_ps(d + c, mask, w);
+    }
+  }
+}
+
+// bins[r, g, code] += Σ of g_rows[r − r0, c] over the columns c of group g holding `code`, rows [r0, r1), for
+// groups that are whole 16-column chunks: one accumulator register per code, a compare and a masked add per
+// code and chunk (2^bits ≤ 16 registers), reduced once per group — no scatter, no index tensor.
+template <int K>  // 2^bits, a constant so the K accumulators stay in registers
+AVX512 void bin_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, const float* g_rows, int bits,
+                                 int64_t gpr, int64_t in, int64_t r0, int64_t r1, float* bins) {
+  const int64_t group = in / gpr;
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i shift_lo = _mm512_mullo_epi64(lane, _mm512_set1_epi64(bits));
+  const __m512i shift_hi = _mm512_add_epi64(shift_lo, _mm512_set1_epi64(8LL * bits));
+  const __m512i code_mask = _mm512_set1_epi64(K - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = packed + r * row_bytes;
+    const float* src = g_rows + (r - r0) * in;
+    for (int64_t g = 0; g < gpr; ++g) {
+      __m512 acc[K];
+      for (int j = 0; j < K; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t c = g * group; c < (g + 1) * group; c += 16) {
+        const int64_t off = (c / 8) * bits;
+        const __m512i codes = codes16(row + off, row_bytes - off, bits, shift_lo, shift_hi, code_mask);
+        const __m512 v = _mm512_loadu_ps(src + c);
+        for (int j = 0; j < K; ++j) {
+          const __mmask16 hit = _mm512_cmpeq_epi32_mask(codes, _mm512_set1_epi32(j));
+          acc[j] = _mm512_mask_add_ps(acc[j], hit, acc[j], v);
+        }
+      }
+      float* out = bins + (r * gpr + g) * K;
+      for (int j = 0; j < K; ++j) out[j] += _mm512_reduce_add_ps(acc[j]);
+    }
+  }
+}
+
 template <int kTokens>  // 0: any count up to kMaxTokens (runtime), else exactly kTokens (kept in registers)
 AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t M = kTokens ? kTokens : p.M;
@@ -325,7 +400,34 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor code
 
 int64_t cpu_isa() { return best_isa(); }
 
+void dequant_rows_avx512(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits, int64_t gpr,
+                         int64_t in, int64_t r0, int64_t r1, float* dst) {
+  dequant_rows_avx512_impl(packed, row_bytes, codebook, bits, gpr, in, r0, r1, dst);
+}
+
+void bin_rows_avx512(const uint8_t* packed, int64_t row_bytes, const float* g_rows, int bits, int64_t gpr,
+                     int64_t in, int64_t r0, int64_t r1, float* bins) {
+  if (bits == 2) bin_rows_avx512_impl<4>(packed, row_bytes, g_rows, bits, gpr, in, r0, r1, bins);
+  else if (bits == 3) bin_rows_avx512_impl<8>(packed, row_bytes, g_rows, bits, gpr, in, r0, r1, bins);
+  else bin_rows_avx512_impl<16>(packed, row_bytes, g_rows, bits, gpr, in, r0, r1, bins);
+}
+
+// tiles.cpp
+torch::Tensor dequantize(torch::Tensor packed, torch::Tensor codebook, int64_t bits, int64_t in_features,
+                         int64_t isa);
+torch::Tensor linear_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
+                           int64_t in_features, int64_t isa);
+std::tuple<torch::Tensor, torch::Tensor> linear_backward(torch::Tensor grad_out, torch::Tensor x,
+                                                         torch::Tensor packed, torch::Tensor codebook,
+                                                         int64_t bits, int64_t in, int64_t gpr, bool need_x,
+                                                         bool need_codebook, int64_t isa);
+torch::Tensor bin_reduce(torch::Tensor grad_weight, torch::Tensor packed, int64_t bits, int64_t gpr, int64_t isa);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemv", &lut_gemv, "y = x·Ŵᵀ from packed codes (fp32 out)");
+  m.def("dequantize", &dequantize, "Ŵ (out, in) fp32 from packed codes");
+  m.def("linear_tiled", &linear_tiled, "y = x·Ŵᵀ (fp32), Ŵ dequantized one row tile at a time");
+  m.def("linear_backward", &linear_backward, "(∂x, ∂codebook) fp32, tile by tile, bins fused with the codes");
+  m.def("bin_reduce", &bin_reduce, "∂codebook (fp32) from a dense ∂Ŵ");
   m.def("cpu_isa", &cpu_isa, "0: neither, 1: AVX2+FMA, 2: AVX-512");
 }
