@@ -1,12 +1,13 @@
-"""Native CPU decode GEMV (``sketchtune::lut_gemv`` on CPU) against dense ``F.linear``: one token, side by side.
+"""Native CPU decode GEMV (``sketchtune::lut_gemv`` on CPU) against dense and bitsandbytes NF4: one token.
 
-Random codes and codebooks (speed does not depend on the values). For each shape and bit width: median time
-of dense fp32 ``F.linear`` (Ŵ materialised once, as the dense-Ŵ cache holds it), and of the native kernel
-straight from the packed codes with its AVX-512 and AVX2 bodies, plus the bytes each keeps resident (dense
-fp32 Ŵ vs packed codes + fp32 codebooks). Ratios > 1 mean the kernel is faster. Run side by side in one
-process; absolute times on a shared machine are noisy, ratios less so.
+Random codes and codebooks (speed does not depend on the values). For each shape, thread count, bit width and
+GPR: the median time of dense ``F.linear`` in fp32 and in bf16 (Ŵ materialised once, as the dense-Ŵ cache
+holds it), of bitsandbytes' NF4 ``Linear4bit`` (fp32 compute, its CPU inference path), and of the native
+kernel straight from the packed codes with its AVX-512 and AVX2 bodies, plus the bytes each keeps resident.
+Every method of a shape is timed round-robin in the same loop, so they share the machine's conditions; ratios
+> 1 mean the kernel is faster. ``--plot`` draws decode time against layer size (PNG beside the JSON).
 
-    python benchmarks/cpu_gemv.py --threads 1
+    python benchmarks/cpu_gemv.py --threads 1 2
 """
 
 from __future__ import annotations
@@ -23,51 +24,109 @@ from _common import machine_meta, write_json
 from sketchtune import layout
 from sketchtune.kernels import cpu_kernels
 
-SHAPES = [(2048, 2048), (4096, 4096), (11008, 4096), (1536, 576), (576, 1536)]  # (out, in)
+SHAPES = [(1536, 576), (576, 1536), (2048, 2048), (4096, 4096), (11008, 4096)]  # (out, in)
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def interleaved_ms(fns: dict, repeat: int) -> dict[str, float]:
+    """Median ms per call of each function, timed round-robin (one call of each per round)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def nf4_layer(w: torch.Tensor):
+    """bitsandbytes NF4 ``Linear4bit`` of ``w`` (fp32 compute) in eval mode, or None without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    out, inp = w.shape
+    q = bnb.nn.Linear4bit(inp, out, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
+    return q.to("cpu").eval()
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len({r["threads"] for r in rows}), figsize=(12, 4.5), squeeze=False)
+    for ax, threads in zip(axes[0], sorted({r["threads"] for r in rows})):
+        sel = sorted((r for r in rows if r["threads"] == threads and r["gpr"] == 1), key=lambda r: r["out"] * r["in"])
+        for key, label, bits in (("dense_fp32_ms", "dense fp32", 4), ("dense_bf16_ms", "dense bf16", 4),
+                                 ("nf4_ms", "bitsandbytes NF4", 4), ("avx512_ms", "sketch INT4", 4),
+                                 ("avx512_ms", "sketch INT3", 3), ("avx512_ms", "sketch INT2", 2)):
+            pts = [(r["out"] * r["in"] / 1e6, r[key]) for r in sel if r["bits"] == bits and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel("weights per layer (millions)"), ax.set_ylabel("ms per token (median)")
+        ax.set_title(f"one-token decode, {threads} thread{'s' if threads > 1 else ''} (GPR 1)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--gpr", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_gemv.json"))
+    ap.add_argument("--plot", action="store_true", help="also write the PNG (needs matplotlib)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     ext = cpu_kernels.extension()
     if ext is None:
         raise SystemExit("native CPU kernels could not be built here")
     rows = []
-    for out, inp in SHAPES:
-        for bits in (4, 3, 2):
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for out, inp in SHAPES:
             gen = torch.Generator().manual_seed(0)
-            packed = layout.pack_codes(torch.randint(0, 1 << bits, (out, inp), generator=gen), bits)
-            codebook = torch.randn(out, 1, 1 << bits, generator=gen)
-            w = layout.dequantize(packed, codebook, bits, inp)
             x = torch.randn(1, inp, generator=gen)
-            row = {"out": out, "in": inp, "bits": bits, "gpr": 1, "threads": args.threads,
-                   "dense_fp32_ms": median_ms(lambda: F.linear(x, w), args.repeat),
-                   "dense_bytes": w.numel() * 4, "sketch_bytes": packed.numel() + codebook.numel() * 4}
-            for name, isa in (("avx512", 2), ("avx2", 1)):
-                if ext.cpu_isa() >= isa:
-                    row[f"{name}_ms"] = median_ms(lambda: ext.lut_gemv(x, packed, codebook, bits, inp, isa),
-                                                  args.repeat)
-                    row[f"{name}_speedup"] = row["dense_fp32_ms"] / row[f"{name}_ms"]
-            rows.append(row)
-            print(f"{out:>6}x{inp:<6} INT{bits}  dense {row['dense_fp32_ms']:7.3f} ms  "
-                  + "  ".join(f"{n} {row[n + '_ms']:7.3f} ms ({row[n + '_speedup']:.2f}x)"
-                              for n in ("avx512", "avx2") if n + "_ms" in row)
-                  + f"  bytes {row['sketch_bytes'] / row['dense_bytes']:.3f}x")
-    write_json(args.out, {"benchmark": "cpu_gemv", "machine": machine_meta(), "rows": rows})
+            dense = torch.randn(out, inp, generator=gen) * 0.02
+            dense_bf16, x_bf16 = dense.bfloat16(), x.bfloat16()
+            nf4 = nf4_layer(dense)
+            for bits in (4, 3, 2):
+                for gpr in args.gpr:
+                    packed = layout.pack_codes(torch.randint(0, 1 << bits, (out, inp), generator=gen), bits)
+                    codebook = torch.randn(out, gpr, 1 << bits, generator=gen) * 0.02
+                    fns = {"dense_fp32": lambda: F.linear(x, dense), "dense_bf16": lambda: F.linear(x_bf16, dense_bf16)}
+                    if nf4 is not None:
+                        fns["nf4"] = lambda: nf4(x)
+                    for name, isa in (("avx512", 2), ("avx2", 1)):
+                        if ext.cpu_isa() >= isa:
+                            fns[name] = lambda isa=isa: ext.lut_gemv(x, packed, codebook, bits, inp, isa)
+                    with torch.no_grad():
+                        ms = interleaved_ms(fns, args.repeat)
+                    row = {"out": out, "in": inp, "bits": bits, "gpr": gpr, "threads": threads,
+                           **{f"{k}_ms": v for k, v in ms.items()},
+                           "dense_fp32_bytes": dense.numel() * 4, "dense_bf16_bytes": dense.numel() * 2,
+                           "nf4_bytes": dense.numel() // 2 + dense.numel() // 64 * 4 if nf4 is not None else None,
+                           "sketch_bytes": packed.numel() + codebook.numel() * 4}
+                    for name in ("avx512", "avx2"):
+                        if f"{name}_ms" in row:
+                            for base in ("dense_fp32", "dense_bf16", "nf4"):
+                                if f"{base}_ms" in row:
+                                    row[f"{name}_vs_{base}"] = row[f"{base}_ms"] / row[f"{name}_ms"]
+                    rows.append(row)
+                    print(f"{threads}T {out:>6}x{inp:<6} INT{bits} GPR{gpr}  fp32 {ms['dense_fp32']:7.3f}  "
+                          f"bf16 {ms['dense_bf16']:7.3f}  " + (f"nf4 {ms['nf4']:7.3f}  " if "nf4" in ms else "")
+                          + "  ".join(f"{n} {ms[n]:7.3f} ({row[n + '_vs_dense_fp32']:.2f}x fp32"
+                                      + (f", {row[n + '_vs_nf4']:.2f}x nf4)" if "nf4" in ms else ")")
+                                      for n in ("avx512", "avx2") if n in ms), flush=True)
+    write_json(args.out, {"benchmark": "cpu_gemv", "machine": machine_meta(), "repeat": args.repeat, "rows": rows})
+    if args.plot:
+        plot(rows, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 What runs, all in this one invocation so the variants share the machine's conditions:
 
 * **layers** — one token through a single layer at SmolLM2/Llama shapes: ``nn.Linear`` vs ``SketchedLinear``
-  under the CPU strategies considered for decoding (the dense-Ŵ cache that ships, the reference unpack on
-  every call, cached codes + gather, ``torch.compile`` of dequantize + GEMV);
+  under the CPU strategies considered for decoding (the C++ GEMV from the packed codes that is the default,
+  the opt-in dense-Ŵ cache, the reference unpack on every call, cached codes + gather, ``torch.compile`` of
+  dequantize + GEMV);
 * **model** — a randomly initialised ``LlamaForCausalLM`` (default 4 decoder layers, hidden 1024, MLP 2816,
   16 heads, vocab 4096 so the LM head does not drown the decoder layers), fp32, as (a) dense, (b) LoRA r=16
   on all seven projections, unmerged (peft), (d) SketchTune INT4 GPR 1 and GPR 4 with random codes and
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -116,13 +118,20 @@ def bench_layers(args) -> list[dict]:
             index = unpack_codes(sk.weight, 4, inp) + (torch.arange(inp) // (inp // gpr)) * 16
             flat_cb = sk.codebook.detach().reshape(out, -1)
 
+            sk_cached = copy.deepcopy(sk)  # its own cache: the native calls on ``sk`` would drop it
+
             def reference():
                 with env(BACKEND_ENV, "reference"):
                     return sk(x)
 
+            def cached():
+                with env(BACKEND_ENV, "cache"):
+                    return sk_cached(x)
+
             strategies: dict[str, Callable[[], object]] = {
                 "dense nn.Linear": lambda: dense(x),
-                "cached dense W (shipped)": lambda: sk(x),
+                "native C++ GEMV (default)": lambda: sk(x),
+                "cached dense W (opt-in)": cached,
                 "reference (unpack every call)": reference,
             }
             extra = {}
@@ -138,7 +147,9 @@ def bench_layers(args) -> list[dict]:
                 ms = interleave({k: (lambda f=f: per_call_ms(f, args.layer_calls)) for k, f in strategies.items()},
                                 args.rounds)
             row = {"in": inp, "out": out, "gpr": gpr, "ms_per_token": {k: round(v, 4) for k, v in ms.items()},
-                   "sketched_vs_dense": round(ms["cached dense W (shipped)"] / ms["dense nn.Linear"], 3), **extra}
+                   "native_speedup_vs_dense": round(ms["dense nn.Linear"] / ms["native C++ GEMV (default)"], 3),
+                   "cached_speedup_vs_dense": round(ms["dense nn.Linear"] / ms["cached dense W (opt-in)"], 3),
+                   **extra}
             rows.append(row)
             print(f"  layer {inp}->{out} gpr{gpr}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
     return rows
@@ -304,25 +315,46 @@ def bench_model(args) -> dict:
     for m in models.values():
         m.eval()
     results: dict[str, dict] = {v: count(m) for v, m in models.items()}
+    sketched = [v for v in VARIANTS if v.startswith("sketchtune")]
+    cached_models = {v: copy.deepcopy(models[v]) for v in sketched}  # own caches, never dropped by the others
+
+    def cached(fn: Callable[[], float]) -> Callable[[], float]:
+        """``fn`` with the opt-in dense-Ŵ cache instead of the C++ kernels."""
+        def run() -> float:
+            with env(BACKEND_ENV, "cache"):
+                return fn()
+        return run
+
     for batch in (1, 8):
         print(f"  decode batch {batch} ...", flush=True)
-        r = interleave({v: (lambda m=m: decode_step_s(m, batch, args)) for v, m in models.items()}, args.rounds)
+        fns = {v: (lambda m=m: decode_step_s(m, batch, args)) for v, m in models.items()}
+        fns.update({f"{v} cache": cached(lambda m=cached_models[v]: decode_step_s(m, batch, args)) for v in sketched})
+        r = interleave(fns, args.rounds)
         for v in VARIANTS:
             results[v][f"decode_b{batch}_ms_per_step"] = r[v] * 1e3
             results[v][f"decode_b{batch}_tokens_per_s"] = batch / r[v]
-    for v, m in models.items():  # the caches built while decoding
+        for v in sketched:
+            results[v][f"decode_b{batch}_ms_per_step_cache"] = r[f"{v} cache"] * 1e3
+    for v, m in models.items():  # the caches built while decoding (none on the C++ kernels)
         results[v]["decode_cache_bytes"] = count(m)["decode_cache_bytes"]
+    for v, m in cached_models.items():
+        results[v]["decode_cache_bytes_opt_in"] = count(m)["decode_cache_bytes"]
     sk = models["sketchtune-int4-gpr1"]
-    with env(BACKEND_ENV, "reference"):  # what decoding cost before the cache (few steps: it is slow)
+    with env(BACKEND_ENV, "reference"):  # the pure-PyTorch reference, unpacking every call (few steps: slow)
         quick = argparse.Namespace(**{**vars(args), "decode_steps": 2})
         for batch in (1, 8):
             results["sketchtune-int4-gpr1"][f"decode_b{batch}_ms_per_step_uncached"] = \
                 decode_step_s(sk, batch, quick) * 1e3
     for prompt in args.prompts:
         print(f"  TTFT prompt {prompt} ...", flush=True)
-        r = interleave({v: (lambda m=m: ttft_s(m, prompt, args)) for v, m in models.items()}, args.rounds)
+        fns = {v: (lambda m=m: ttft_s(m, prompt, args)) for v, m in models.items()}
+        fns.update({f"{v} cache": cached(lambda m=cached_models[v]: ttft_s(m, prompt, args)) for v in sketched})
+        r = interleave(fns, args.rounds)
         for v in VARIANTS:
             results[v][f"ttft_{prompt}_ms"] = r[v] * 1e3
+        for v in sketched:
+            results[v][f"ttft_{prompt}_ms_cache"] = r[f"{v} cache"] * 1e3
+    del cached_models
     print("  training steps ...", flush=True)
     # bitsandbytes 0.50 repacks Linear4bit weights for its CPU inference kernel on the first eval-mode forward
     # and never unpacks them; backward through that kernel then skips the base layers (a step that is too
@@ -359,8 +391,13 @@ RATIO_KEYS = ["decode_b1_ms_per_step", "decode_b8_ms_per_step", "train_step_s", 
 
 def ratios(results: dict, prompts: list[int]) -> dict:
     keys = RATIO_KEYS + [f"ttft_{p}_ms" for p in prompts]
-    return {v: {f"{k}_vs_{base}": results[v][k] / results[base][k] for base in ("dense", "lora") for k in keys}
-            for v in results}
+    out = {v: {f"{k}_vs_{base}": results[v][k] / results[base][k] for base in ("dense", "lora") for k in keys}
+           for v in results}
+    opt_in = ["decode_b1_ms_per_step", "decode_b8_ms_per_step"] + [f"ttft_{p}_ms" for p in prompts]
+    for v, r in results.items():  # with the opt-in dense-Ŵ cache instead of the C++ kernels
+        out[v].update({f"{k}_cache_vs_dense": r[f"{k}_cache"] / results["dense"][k]
+                       for k in opt_in if f"{k}_cache" in r})
+    return out
 
 
 # --- sketching speed --------------------------------------------------------------------------------------
@@ -424,6 +461,15 @@ def print_table(results: dict, rat: dict, prompts: list[int]) -> None:
     print(head)
     for v, r in results.items():
         print(f"{v:<24}" + "".join(f"{r[k]:>19.{d}f}" for _, k, d in cols))
+    for v, r in results.items():
+        if "decode_b1_ms_per_step_cache" in r:
+            q = rat[v]
+            print(f"{v} with the opt-in dense-W cache (+{r['decode_cache_bytes_opt_in'] / MiB:.0f} MiB next to "
+                  f"{r['weight_bytes'] / MiB:.0f} MiB of weights): decode b1 {r['decode_b1_ms_per_step_cache']:.1f} "
+                  f"ms/tok ({q['decode_b1_ms_per_step_cache_vs_dense']:.2f}x dense), b8 "
+                  f"{r['decode_b8_ms_per_step_cache']:.1f} ms/step "
+                  f"({q['decode_b8_ms_per_step_cache_vs_dense']:.2f}x), "
+                  + ", ".join(f"TTFT {p} {r[f'ttft_{p}_ms_cache']:.0f} ms" for p in prompts))
     r = results[REF_PATH_VARIANT]
     print(f"{REF_PATH_VARIANT} training through the reference autograd (saves Ŵ; not the CPU default): "
           f"{r['train_step_s_reference']:.2f} s/step, peak {r['train_peak_above_imports_mb_reference']:.0f} MiB")

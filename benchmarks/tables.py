@@ -33,7 +33,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def sketch_quality(d: dict) -> str:
     rows = d["rows"]
     fp = next(r for r in rows if r["method"] == "fp")
-    main = [r for r in rows if r["method"] != "fp" and not (r["method"] == "sketch" and "/" in r["label"])]
+    main = [r for r in rows if r["method"] != "fp" and not (r["method"] == "sketch" and "/" in r["label"])
+            and not r.get("healed")]
     body = [[fp["label"], f"{fp['wikitext2_ppl']:.2f}", "", "", "", ""]]
     for r in sorted(main, key=lambda r: (-r["bits"], r["method"] != "sketch", r["gpr"], r["method"], r["refit"])):
         body.append([r["label"], f"{r['wikitext2_ppl']:.2f}", f"{r['sketched_over_fp16']:.3f}",
@@ -54,6 +55,9 @@ def sketch_quality(d: dict) -> str:
         out += ["\n**Importance exponent** — INT4 GPR1, k-means codebooks (no refit), WikiText-2 ppl; "
                 "`paper` = (1/[H⁻¹]ᵢᵢ)^s, `cholesky` = diag(U)^-s (s = 0 is the same unweighted k-means).\n",
                 _table(["importance"] + [f"s={s:g}" for s in s_values], body)]
+    healed = [r for r in rows if r.get("healed")]
+    if healed:
+        out += ["\n" + healing(healed, fp["wikitext2_ppl"])]
     paper = {r["label"].replace(" s=3/paper", ""): r for r in rows if r["label"].endswith(" s=3/paper")}
     order = sorted(main, key=lambda r: (-r["bits"], r["gpr"], r["refit"]))
     pairs = [(r, paper[r["label"]]) for r in order if r["method"] == "sketch" and r["label"] in paper]
@@ -151,6 +155,25 @@ def finetune_evidence(d: dict, task: str) -> str:
     return "\n".join(out)
 
 
+def healing(rows: list[dict], fp_ppl: float) -> str:
+    body = []
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["gpr"])):
+        b, h = r["before"], r["healing"]
+        curve = ", ".join(f"{p['step']}: {p['wikitext2_ppl']:.1f}/{p['heldout_c4_ppl']:.1f}" for p in r["curve"])
+        body.append([r["label"].replace(" healed", ""), f"{b['wikitext2_ppl']:.2f} → {r['wikitext2_ppl']:.2f}",
+                     f"{b['heldout_c4_ppl']:.2f} → {r['heldout_c4_ppl']:.2f}",
+                     f"{h['kl_before']:.3f} → {h['kl_after']:.3f}", f"{h['steps']}", f"{h['tokens']:,}",
+                     f"{h['seconds'] / 60:.0f} min ({h['seconds_per_step']:.1f} s/step, {h['threads']} thr)", curve])
+    split = rows[0]["split"]
+    return (f"**Healing** (`sketchtune heal`, KL(teacher‖student) at T = 1, codebooks only; FP WikiText-2 ppl "
+            f"{fp_ppl:.2f}) — healed on C4 windows from the first {split['heal_docs']} documents; held-out C4 = "
+            f"{split['heldout_docs']} of the last documents that no sketching or healing window touched. Curve: "
+            "step: WikiText-2 / held-out C4 ppl, scored in fp32 during healing (the before/after columns are the "
+            "fp16 checkpoints reloaded).\n\n"
+            + _table(["configuration", "WikiText-2 ppl", "held-out C4 ppl", "KL to teacher", "steps", "tokens",
+                      "healing time", "curve"], body))
+
+
 def efficiency(d: dict) -> str:
     meta, model = d["meta"], d["model"]
     shape = meta["model"]
@@ -162,8 +185,14 @@ def efficiency(d: dict) -> str:
         lora = model.get("lora", r)
         body.append([name, f"{r['weight_bytes'] / 2**20:.1f}"]
                     + [f"{r[k]:.1f} ({r[k] / lora[k]:.2f}×)" for k, _ in keys])
+        if "decode_b1_ms_per_step_cache" in r:  # the opt-in dense-Ŵ cache instead of the C++ kernels
+            body.append([f"{name} + dense-Ŵ cache", f"{(r['weight_bytes'] + r['decode_cache_bytes_opt_in']) / 2**20:.1f}"]
+                        + [f"{r[k + '_cache']:.1f} ({r[k + '_cache'] / lora[k]:.2f}×)" if k + "_cache" in r else "—"
+                           for k, _ in keys])
     return (f"**Efficiency (CPU)** — {shape['layers']} Llama layers, hidden {shape['hidden']}, MLP {shape['mlp']}, "
-            f"{meta['threads']} thread(s), medians; in parentheses the ratio to LoRA.\n\n"
+            f"{meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "
+            "kernels (the CPU default); `+ dense-Ŵ cache` rows decode through the opt-in cache "
+            "(`SKETCHTUNE_KERNELS=cache`), whose dense Ŵ counts in their weights.\n\n"
             + _table(["method", "weights MiB"] + [label for _, label in keys], body))
 
 

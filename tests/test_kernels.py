@@ -207,7 +207,11 @@ def test_kernels_match_the_format_reference(tk):
 def test_dispatch_rule(monkeypatch):
     x = torch.zeros(1, IN)
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert backend_for(x) == "reference"  # CPU tensors: reference under "auto"
+    native = "native" if cpu_kernels.native(x) else "reference"
+    assert backend_for(x) == native  # CPU tensors: the C++ kernels under "auto" where they are built
+    assert backend_for(x.half()) == "reference"  # activations they do not take
+    monkeypatch.setenv(BACKEND_ENV, "cache")
+    assert backend_for(x) == "reference" and backend_for(x, training=True) == native
     monkeypatch.setenv(BACKEND_ENV, "reference")
     assert backend_for(x) == "reference"
     monkeypatch.setenv(BACKEND_ENV, "triton")
@@ -253,7 +257,7 @@ def reference_out(layer: SketchedLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_cache_used_in_eval_and_exact(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv(BACKEND_ENV, "cache")  # opt-in since the C++ kernels
     layer = cpu_layer().eval()
     x = torch.randn(2, 3, IN)
     with torch.no_grad():
@@ -266,7 +270,7 @@ def test_cache_used_in_eval_and_exact(monkeypatch):
 
 
 def test_cache_never_used_when_training(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv(BACKEND_ENV, "cache")  # opt-in since the C++ kernels
     layer = cpu_layer()
     with torch.no_grad():
         layer.eval()(torch.randn(1, IN))
@@ -283,7 +287,7 @@ def test_cache_never_used_when_training(monkeypatch):
 
 
 def test_cache_skipped_in_eval_when_codebook_needs_grad(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv(BACKEND_ENV, "cache")  # opt-in since the C++ kernels
     layer = cpu_layer().eval()
     layer(torch.randn(2, IN)).sum().backward()  # eval mode but grad mode on and codebook trainable
     assert layer.dense_cache.weight is None and layer.codebook.grad is not None
@@ -295,7 +299,7 @@ def test_cache_skipped_in_eval_when_codebook_needs_grad(monkeypatch):
 
 
 def test_cache_invalidated_by_in_place_changes(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv(BACKEND_ENV, "cache")  # opt-in since the C++ kernels
     layer = cpu_layer().eval()
     x = torch.randn(3, IN)
 
@@ -331,7 +335,7 @@ def test_cache_invalidated_by_in_place_changes(monkeypatch):
 
 
 def test_cache_under_inference_mode(monkeypatch):
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setenv(BACKEND_ENV, "cache")  # opt-in since the C++ kernels
     layer = cpu_layer().eval()
     x = torch.randn(2, IN)
     with torch.inference_mode():

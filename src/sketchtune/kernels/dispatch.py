@@ -2,20 +2,20 @@
 
 Rule (``SKETCHTUNE_KERNELS``, read on every call so tests and users can flip it at run time):
 
-* ``auto`` (default): ``sketchtune::linear`` (Triton) for CUDA inputs when triton imports; on CPU, when a
-  codebook gradient is wanted and the native extension is built, ``sketchtune::linear`` with its C++ tiled bodies
-  (training memory: nothing per weight is saved for the backward); otherwise the pure-PyTorch reference —
-  ``dequantize`` + ``F.linear``, whose autograd is the ground-truth gradient — with, on CPU when no codebook
-  gradient is wanted, the layer's dense-Ŵ cache (see :mod:`.dense_cache`);
-* ``reference``: always the reference, never the cache — the ground truth, bit for bit;
-* ``native``: on CPU, ``sketchtune::linear`` on the C++ kernels for everything — decoding straight from the
-  packed codes, prefill tile by tile — and no dense-Ŵ cache is kept, so an eval-mode model holds only its
-  codes and codebooks. Opt-in while the GEMV is slower than the dense cache on small layers (README
-  "Kernels");
-* ``triton``: always ``sketchtune::linear`` (on CPU it runs its kernels under ``TRITON_INTERPRET=1`` and
-  its PyTorch bodies otherwise) — for testing the op and its autograd anywhere. It is also a lever for CPU
-  training memory: the op recomputes Ŵ in backward where the reference autograd keeps Ŵ and int64 gather
-  indices per layer (~12 B per weight); README "Kernels" has the measured trade-off.
+* ``auto`` (default): CUDA inputs → ``sketchtune::linear`` on the Triton kernels when triton imports. CPU
+  inputs (fp32/bf16) with the native extension built → ``sketchtune::linear`` on the C++ kernels, for
+  inference and training alike: decoding straight from the packed codes (1.7× the dense fp32 model's
+  tokens/s in ``benchmarks/results/efficiency_cpu.json``), prefill and the backward Ŵ-tile by Ŵ-tile, so
+  an eval-mode model holds only its codes and codebooks and training saves nothing per weight. Otherwise
+  (no compiler, fp16 or fp64 activations) the pure-PyTorch reference — ``dequantize`` + ``F.linear``, whose
+  autograd is the ground-truth gradient — with the layer's dense-Ŵ cache in inference;
+* ``cache``: on CPU, inference through the dense-Ŵ cache (:mod:`.dense_cache`): a dense Ŵ per layer next
+  to the codes, the dense model's speed (the default before the C++ kernels; opt-in now); training as
+  ``auto``;
+* ``native``: as ``auto`` on CPU (kept for scripts written when it was opt-in);
+* ``reference``: always the reference, never a cache or a kernel — the ground truth, bit for bit;
+* ``triton``: always ``sketchtune::linear``, with the Triton kernels wherever they run (on CPU under
+  ``TRITON_INTERPRET=1``) — for testing the op and its autograd anywhere.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from .dense_cache import DenseWeightCache
 from .ops import linear, triton_available
 
 BACKEND_ENV = "SKETCHTUNE_KERNELS"
-Backend = Literal["triton", "reference"]
+Backend = Literal["triton", "native", "reference"]
 
 
-_CHOICES = ("auto", "triton", "reference", "native")
+_CHOICES = ("auto", "triton", "reference", "native", "cache")
 
 
 def _choice() -> str:
@@ -43,21 +43,25 @@ def _choice() -> str:
     if choice not in _CHOICES:
         choice = choice.lower()
         if choice not in _CHOICES:
-            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'triton', 'reference' or 'native', got {choice!r}")
+            raise ValueError(f"{BACKEND_ENV} must be 'auto', 'cache', 'native', 'reference' or 'triton', "
+                             f"got {choice!r}")
     return choice
 
 
-def _backend(x: torch.Tensor, choice: str) -> Backend:
-    if choice == "auto" or (choice == "native" and x.is_cuda):
-        return "triton" if x.is_cuda and triton_available() else "reference"
-    if choice == "native":
-        return "reference"  # the reference path, with the native GEMV for decoding (see sketched_linear)
-    return choice  # type: ignore[return-value]
+def _backend(x: torch.Tensor, choice: str, training: bool = False) -> Backend:
+    if choice in ("reference", "triton"):
+        return choice  # type: ignore[return-value]
+    if x.is_cuda:
+        return "triton" if triton_available() else "reference"
+    if x.is_cpu and (choice in ("auto", "native") or training) and cpu_kernels.native(x):
+        return "native"
+    return "reference"
 
 
-def backend_for(x: torch.Tensor) -> Backend:
-    """Which implementation ``sketched_linear`` uses for input ``x`` under the current environment."""
-    return _backend(x, _choice())
+def backend_for(x: torch.Tensor, training: bool = False) -> Backend:
+    """Which implementation ``sketched_linear`` uses for input ``x`` (with a codebook gradient wanted if
+    ``training``) under the current environment."""
+    return _backend(x, _choice(), training)
 
 
 def sketched_linear(
@@ -74,18 +78,17 @@ def sketched_linear(
     ``cache`` is the layer's :class:`DenseWeightCache`; pass it only in inference (eval) mode.
     """
     choice = _choice()
-    if _backend(x, choice) == "triton":
-        return linear(x, packed, codebook, bias, bits, in_features)
     training = codebook.requires_grad and torch.is_grad_enabled()
-    if x.is_cpu and (choice == "native" or (choice == "auto" and training)) and cpu_kernels.native(x):
-        # The op on the C++ kernels: decoding from the packed codes, prefill and the backward tile by tile.
-        # Training saves only x, the codes and the codebook, where the reference autograd would keep Ŵ and an
-        # int64 index per weight for every layer until the backward (~12 B a weight).
+    backend = _backend(x, choice, training)
+    if backend != "reference":
+        # The op: Triton on CUDA; on CPU the C++ kernels — decoding from the packed codes, prefill and the
+        # backward tile by tile, saving only x, the codes and the codebook for the backward where the
+        # reference autograd keeps Ŵ and an int64 index per weight for every layer (~12 B a weight).
         if cache is not None:
             cache.clear()
         return linear(x, packed, codebook, bias, bits, in_features)
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    if cache is not None and choice == "auto" and x.is_cpu and not torch.compiler.is_compiling():
+    if cache is not None and choice in ("auto", "cache") and x.is_cpu and not torch.compiler.is_compiling():
         if training:
             # A codebook gradient is on its way, so an optimizer step may follow — a fused one leaves
             # ``_version`` alone — hence the cache goes now and the gather below gives the exact gradient.

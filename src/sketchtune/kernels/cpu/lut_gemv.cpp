@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -252,6 +253,77 @@ AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+// INT4 and INT2 with groups of whole chunks (16 bytes: 32 INT4 or 64 INT2 codes). Byte b holds the codes of
+// columns P·b + j (P = 8 / bits codes per byte, j = 0 … P−1) at bit offset bits·j, so shifting the 16 bytes by
+// bits·j and masking gives 16 codes of the columns ≡ j (mod P), already one per byte. With x reordered once
+// per call into that split (`xs`: per chunk, its columns ≡ 0, then ≡ 1, … mod P, fp32), a chunk costs one
+// load and, per j, a shift, a mask, a widening, a permute and an FMA per token — no interleave back into
+// column order, about half the shuffle-port work of the general path.
+template <int kTokens, int kBits>
+AVX512 void rows_split_t(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
+  constexpr int kPer = 8 / kBits, kChunk = 16 * kPer, kK = 1 << kBits;
+  const int64_t M = kTokens ? kTokens : p.M;
+  const int64_t group = p.in / p.gpr;
+  const __m128i mask = _mm_set1_epi8(static_cast<char>(kK - 1));
+  const __mmask16 book_mask = static_cast<__mmask16>((1u << kK) - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.packed + r * p.row_bytes;
+    const float* books = p.codebook + r * p.gpr * kK;
+    __m512 acc[kPer][kTokens ? kTokens : kMaxTokens];
+    for (int j = 0; j < kPer; ++j)
+      for (int64_t m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.gpr; ++g) {
+      const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * kK);
+      for (int64_t c = g * group; c < (g + 1) * group; c += kChunk) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / kPer));
+        for (int j = 0; j < kPer; ++j) {
+          const __m128i codes = _mm_and_si128(_mm_srli_epi16(b, kBits * j), mask);
+          const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), book);
+          for (int64_t m = 0; m < M; ++m)
+            acc[j][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c + 16 * j), acc[j][m]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 sum = acc[0][m];
+      for (int j = 1; j < kPer; ++j) sum = _mm512_add_ps(sum, acc[j][m]);
+      p.y[m * p.out + r] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+template <int kBits>
+AVX512 void rows_split(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
+  switch (p.M) {
+    case 1: rows_split_t<1, kBits>(p, xs, r0, r1); break;
+    case 2: rows_split_t<2, kBits>(p, xs, r0, r1); break;
+    case 4: rows_split_t<4, kBits>(p, xs, r0, r1); break;
+    default: rows_split_t<0, kBits>(p, xs, r0, r1);
+  }
+}
+
+// x (M, in) → xs in the split of rows_split_t, fp32.
+void split_columns(const Problem& p, float* xs) {
+  const int64_t per = 8 / p.bits, chunk = 16 * per;
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t c = 0; c < p.in; c += chunk) {
+      for (int64_t i = 0; i < 16; ++i) {
+        for (int64_t j = 0; j < per; ++j) {
+          const int64_t src = m * p.in + c + per * i + j;
+          float v;
+          if (p.bf16) {
+            const uint32_t bitsv = static_cast<uint32_t>(static_cast<const uint16_t*>(p.x)[src]) << 16;
+            std::memcpy(&v, &bitsv, 4);
+          } else {
+            v = static_cast<const float*>(p.x)[src];
+          }
+          xs[m * p.in + c + 16 * j + i] = v;
+        }
+      }
+    }
+  }
+}
+
 AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
   switch (p.M) {
     case 1: rows_avx512_t<1>(p, r0, r1); break;
@@ -392,6 +464,14 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor code
             pc.data_ptr<uint8_t>(), pc.size(1), cb.data_ptr<float>(), static_cast<int>(bits), cb.size(1),
             y.data_ptr<float>()};
   if (p.M == 0 || out == 0) return y;
+  if (use == 2 && (bits == 4 || bits == 2) && (in_features / p.gpr) % (16 * 8 / bits) == 0) {
+    std::vector<float> xs(static_cast<size_t>(p.M * in_features));
+    split_columns(p, xs.data());
+    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+      if (bits == 4) rows_split<4>(p, xs.data(), r0, r1); else rows_split<2>(p, xs.data(), r0, r1);
+    });
+    return y;
+  }
   at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
     if (use == 2) rows_avx512(p, r0, r1); else rows_avx2(p, r0, r1);
   });
