@@ -174,6 +174,26 @@ def healing(rows: list[dict], fp_ppl: float) -> str:
                       "healing time", "curve"], body))
 
 
+def cpu_gemv(d: dict) -> str:
+    rows = d["rows"]
+    configs = [(4, 1), (4, 4), (3, 1), (2, 1)]
+    body = []
+    for threads in sorted({r["threads"] for r in rows}):
+        for out, inp in dict.fromkeys((r["out"], r["in"]) for r in rows):
+            cells = []
+            for bits, gpr in configs:
+                r = next((r for r in rows if (r["threads"], r["out"], r["in"], r["bits"], r["gpr"])
+                          == (threads, out, inp, bits, gpr)), None)
+                cells.append("—" if r is None or "avx512_ms" not in r else
+                             f"{r['avx512_vs_dense_fp32']:.2f}× / {r['avx512_vs_dense_bf16']:.2f}× / "
+                             + (f"{r['avx512_vs_nf4']:.2f}×" if "avx512_vs_nf4" in r else "—"))
+            body.append([str(threads), f"{out}×{inp}"] + cells)
+    return ("**CPU decode GEMV** (`cpu_gemv.json`, one token, AVX-512, medians of round-robin calls) — speed-up of "
+            "the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
+            "sketch is faster). AVX2 rows and bytes are in the JSON; `cpu_gemv.png` plots the times.\n\n"
+            + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
+
+
 def efficiency(d: dict) -> str:
     meta, model = d["meta"], d["model"]
     shape = meta["model"]
@@ -209,6 +229,8 @@ def render(include_partial: bool = True) -> str:
             parts.append(finetune_evidence(d, task))
     if (d := _load("efficiency_cpu.json")) is not None:
         parts.append(efficiency(d))
+    if (d := _load("cpu_gemv.json")) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
+        parts.append(cpu_gemv(d))
     return "\n\n".join(parts)
 
 
