@@ -211,3 +211,18 @@ def test_linear_op_trains_through_the_tiles(monkeypatch):
     (sketched_linear(x, packed, cb, bias, 3, 2050) * g).sum().backward()
     for got, ref in zip(grads, (x.grad, cb.grad, bias.grad)):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 * float(ref.abs().max()))
+
+
+def test_opcheck_on_the_cpu_kernels(monkeypatch):
+    """Every ``sketchtune::*`` op passes ``torch.library.opcheck`` with its C++ CPU body (not Triton's)."""
+    monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
+    packed, codebook = layer(3, 5, 2050, 40)
+    cb = codebook.clone().requires_grad_()
+    sk = torch.ops.sketchtune
+    for tokens in (3, 20, 70):  # GEMV, GEMV in blocks, tiles
+        x = torch.randn(tokens, 2050, requires_grad=True)
+        torch.library.opcheck(sk.linear.default, (x, packed, cb, torch.randn(40, requires_grad=True), 3, 2050))
+    torch.library.opcheck(sk.dequantize.default, (packed, codebook, 3, 2050, torch.bfloat16))
+    torch.library.opcheck(sk.grad_input.default, (torch.randn(70, 40), packed, codebook, 3, 2050))
+    torch.library.opcheck(sk.codebook_grad.default, (torch.randn(70, 40), torch.randn(70, 2050), packed, 3, 5))
+    torch.library.opcheck(sk.bin_reduce.default, (torch.randn(40, 2050), packed, 3, 5))
