@@ -17,7 +17,9 @@ from sketchtune.kernels import cpu_kernels, ops
 ext = cpu_kernels.extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="native CPU kernels could not be built here")
 ISAS = [i for i in (1, 2) if ext is not None and ext.cpu_isa() >= i]
-SHAPES = [(1, 64), (2, 64), (4, 576), (3, 300), (8, 40), (5, 45), (1, 37), (7, 2107), (4, 2048)]
+# (gpr, in): 16/32/64-column and wide (128/256-column) chunks, whole or with tails, straddling groups, row tails
+SHAPES = [(1, 64), (2, 64), (4, 576), (3, 300), (8, 40), (5, 45), (1, 37), (7, 2107), (4, 2048), (2, 256),
+          (1, 768), (1, 576), (3, 816)]
 
 
 def layer(bits: int, gpr: int, inp: int, out: int = 23, seed: int = 0):

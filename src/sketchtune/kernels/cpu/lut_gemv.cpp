@@ -302,6 +302,93 @@ AVX512 void rows_split(const Problem& p, const float* xs, int64_t r0, int64_t r1
   }
 }
 
+// Wide chunks: 16 dword lanes, lane r holding the kL consecutive codes of columns c + kL·r … (kL = 8 for INT4
+// and INT3, 16 for INT2), so a chunk of 16·kL columns is one load (INT3: 48 bytes spread into the lanes by one
+// byte permute, AVX-512 VBMI) and, per code position j, a shift, a mask, a permute and an FMA — no widening,
+// half the shuffle-port work of the 32-column split. x is reordered to match: xs[c + 16j + r] = x[c + kL·r + j].
+// A group's columns past its last whole chunk (groups need only be a multiple of 16 columns) keep x's order
+// and are decoded 16 at a time as in the general path.
+#define AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma")))
+
+template <int kTokens, int kBits>
+AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
+  constexpr int kL = kBits == 2 ? 16 : 8, kChunk = 16 * kL, kK = 1 << kBits;
+  constexpr int kBytes = kChunk * kBits / 8;  // 64 (INT4, INT2) or 48 (INT3)
+  const int64_t M = kTokens ? kTokens : p.M;
+  const int64_t group = p.in / p.gpr;
+  const __m512i mask = _mm512_set1_epi32(kK - 1);
+  const __mmask16 book_mask = static_cast<__mmask16>((1u << kK) - 1);
+  const __mmask64 load_mask = kBytes == 64 ? ~0ULL : ((1ULL << kBytes) - 1);
+  // INT3: lane r takes bytes 3r, 3r+1, 3r+2 (the fourth byte is never read by a 3-bit code ≤ bit 23).
+  alignas(64) uint8_t spread[64];
+  for (int k = 0; k < 64; ++k) spread[k] = static_cast<uint8_t>(3 * (k / 4) + std::min(k % 4, 2));
+  const __m512i spread_idx = _mm512_load_si512(spread);
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i shift_lo = _mm512_mullo_epi64(lane, _mm512_set1_epi64(kBits));
+  const __m512i shift_hi = _mm512_add_epi64(shift_lo, _mm512_set1_epi64(8LL * kBits));
+  const __m512i code_mask = _mm512_set1_epi64(kK - 1);
+  const int64_t full = group / kChunk * kChunk;  // columns of a group in whole chunks
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = p.packed + r * p.row_bytes;
+    const float* books = p.codebook + r * p.gpr * kK;
+    __m512 acc[2][kTokens ? kTokens : kMaxTokens];
+    for (int h = 0; h < 2; ++h)
+      for (int64_t m = 0; m < M; ++m) acc[h][m] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.gpr; ++g) {
+      const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * kK);
+      for (int64_t c = g * group; c < g * group + full; c += kChunk) {
+        __m512i v = _mm512_maskz_loadu_epi8(load_mask, row + c * kBits / 8);
+        if (kBits == 3) v = _mm512_permutexvar_epi8(spread_idx, v);
+        for (int j = 0; j < kL; ++j) {
+          const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(v, kBits * j), mask);
+          const __m512 w = _mm512_permutexvar_ps(codes, book);
+          for (int64_t m = 0; m < M; ++m)
+            acc[j & 1][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c + 16 * j), acc[j & 1][m]);
+        }
+      }
+      for (int64_t c = g * group + full; c < (g + 1) * group; c += 16) {  // the tail, in x's own order
+        const int64_t off = (c / 8) * kBits;
+        const __m512 w = _mm512_permutexvar_ps(
+            codes16(row + off, p.row_bytes - off, kBits, shift_lo, shift_hi, code_mask), book);
+        for (int64_t m = 0; m < M; ++m)
+          acc[0][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c), acc[0][m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) p.y[m * p.out + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+  }
+}
+
+template <int kBits>
+AVX512VBMI void rows_wide(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
+  switch (p.M) {
+    case 1: rows_wide_t<1, kBits>(p, xs, r0, r1); break;
+    case 2: rows_wide_t<2, kBits>(p, xs, r0, r1); break;
+    case 4: rows_wide_t<4, kBits>(p, xs, r0, r1); break;
+    default: rows_wide_t<0, kBits>(p, xs, r0, r1);
+  }
+}
+
+inline float x_at(const Problem& p, int64_t i) {
+  if (!p.bf16) return static_cast<const float*>(p.x)[i];
+  const uint32_t bitsv = static_cast<uint32_t>(static_cast<const uint16_t*>(p.x)[i]) << 16;
+  float v;
+  std::memcpy(&v, &bitsv, 4);
+  return v;
+}
+
+// x (M, in) → xs in the lane order of rows_wide_t (whole chunks; each group's tail as it is), fp32.
+void wide_columns(const Problem& p, float* xs) {
+  const int64_t L = p.bits == 2 ? 16 : 8, chunk = 16 * L, group = p.in / p.gpr, full = group / chunk * chunk;
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t g = 0; g < p.gpr; ++g) {
+      for (int64_t c = g * group; c < g * group + full; c += chunk)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t j = 0; j < L; ++j) xs[m * p.in + c + 16 * j + r] = x_at(p, m * p.in + c + L * r + j);
+      for (int64_t c = g * group + full; c < (g + 1) * group; ++c) xs[m * p.in + c] = x_at(p, m * p.in + c);
+    }
+  }
+}
+
 // x (M, in) → xs in the split of rows_split_t, fp32.
 void split_columns(const Problem& p, float* xs) {
   const int64_t per = 8 / p.bits, chunk = 16 * per;
@@ -429,6 +516,11 @@ AVX2 void rows_avx2(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+bool vbmi() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vbmi");
+}
+
 int best_isa() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -464,7 +556,22 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor code
             pc.data_ptr<uint8_t>(), pc.size(1), cb.data_ptr<float>(), static_cast<int>(bits), cb.size(1),
             y.data_ptr<float>()};
   if (p.M == 0 || out == 0) return y;
-  if (use == 2 && (bits == 4 || bits == 2) && (in_features / p.gpr) % (16 * 8 / bits) == 0) {
+  const int64_t group = in_features / p.gpr;
+  // Which decoding: wide chunks when they tile the group exactly; else the 32/64-column split when it does
+  // (INT4/INT2); else wide chunks with a tail; else the general path.
+  const int64_t wide = bits == 2 ? 256 : 128;
+  const bool split_fits = (bits == 4 || bits == 2) && group % (16 * 8 / bits) == 0;
+  if (use == 2 && vbmi() && group % 16 == 0 && group >= wide && (group % wide == 0 || !split_fits)) {
+    std::vector<float> xs(static_cast<size_t>(p.M * in_features));
+    wide_columns(p, xs.data());
+    at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
+      if (bits == 4) rows_wide<4>(p, xs.data(), r0, r1);
+      else if (bits == 3) rows_wide<3>(p, xs.data(), r0, r1);
+      else rows_wide<2>(p, xs.data(), r0, r1);
+    });
+    return y;
+  }
+  if (use == 2 && split_fits) {
     std::vector<float> xs(static_cast<size_t>(p.M * in_features));
     split_columns(p, xs.data());
     at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
