@@ -37,8 +37,10 @@ def llama_cpp_child(args) -> dict:
     from llama_cpp import Llama
 
     base = psutil.Process().memory_info().rss
+    # n_batch=1: llama-cpp-python 0.3.36 built here (AVX-512) segfaults evaluating a multi-token prompt in one
+    # batch; one token at a time changes only the 7-token prompt's evaluation, not the decoding timed here.
     llm = Llama(model_path=args.model, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=1024,
-                seed=0, verbose=False)
+                n_batch=1, seed=0, verbose=False)
     loaded = psutil.Process().memory_info().rss
     no_eos = {llm.token_eos(): -1e9}  # exactly --new-tokens tokens, as min_new_tokens does for the others
     llm(PROMPT, max_tokens=8, temperature=0.0, logit_bias=no_eos)

@@ -174,6 +174,18 @@ def healing(rows: list[dict], fp_ppl: float) -> str:
                       "healing time", "curve"], body))
 
 
+def generate_cpu(d: dict) -> str:
+    body = [[r["variant"], f"{r['tokens_per_s']:.1f}", f"{r.get('speed_vs_dense-fp32', float('nan')):.2f}×",
+             f"{r.get('speed_vs_dense-bf16', float('nan')):.2f}×", f"{r['weight_bytes'] / 2**20:.1f}",
+             f"{r['rss_loaded_mb']:.0f}", f"{r['peak_rss_generating_mb']:.0f}"] for r in d["rows"]]
+    return (f"**Generation on CPU** (`generate_cpu.json`) — {d['model']}, {d['new_tokens']} greedy tokens, "
+            f"{d['machine']['threads']} thread, fresh process per variant, median of {d['rounds']} rounds; RSS in MiB "
+            "above the interpreter; `sketch` is INT4 GPR 1 on the C++ kernels, `sketch+cache` the same with the "
+            "opt-in dense-Ŵ cache, `llama.cpp` the GGUF file (Q4_1) through llama-cpp-python.\n\n"
+            + _table(["variant", "tokens/s", "vs fp32", "vs bf16", "weights MiB", "RSS loaded", "peak RSS generating"],
+                     body))
+
+
 def cpu_gemv(d: dict) -> str:
     rows = d["rows"]
     configs = [(4, 1), (4, 4), (3, 1), (2, 1)]
@@ -229,6 +241,8 @@ def render(include_partial: bool = True) -> str:
             parts.append(finetune_evidence(d, task))
     if (d := _load("efficiency_cpu.json")) is not None:
         parts.append(efficiency(d))
+    if (d := _load("generate_cpu.json")) is not None:
+        parts.append(generate_cpu(d))
     if (d := _load("cpu_gemv.json")) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
         parts.append(cpu_gemv(d))
     return "\n\n".join(parts)
