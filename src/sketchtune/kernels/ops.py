@@ -40,10 +40,15 @@ from . import cpu_kernels
 GEMV_MAX_TOKENS = 8
 """Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
 
-CPU_GEMV_MAX_TOKENS = 64
+CPU_GEMV_MAX_TOKENS = 16
 """On CPU with the native kernel, up to this many tokens go through the LUT GEMV in blocks of
-:data:`~sketchtune.kernels.cpu_kernels.MAX_TOKENS`: rebuilding Ŵ with PyTorch's gather costs ~80 dense GEMVs
-(576 → 1536), so batched decoding (vLLM with 8–64 requests) is far cheaper a block at a time."""
+:data:`CPU_GEMV_BLOCK`; more go through the tiled kernel (Ŵ tile by tile + GEMM). Measured on one thread
+(576↔1536 and 2048², INT4): the GEMV's cost grows with the tokens while a tile's dequantization is paid once, so
+the tiles win from ~16–32 tokens on, by 1.5× at 32 tokens on 2048×2048."""
+
+CPU_GEMV_BLOCK = 8
+"""Tokens per GEMV call in a batch: the kernel keeps 8 tokens' accumulators in registers (compiled for 1, 2, 4
+and 8 tokens); 16 at once spill them and ran 1.3–1.4× slower than two blocks of 8."""
 
 CODEBOOK_GRAD_ENV = "SKETCHTUNE_CODEBOOK_GRAD"
 
@@ -199,7 +204,7 @@ def linear(
     if x2d.shape[0] <= GEMV_MAX_TOKENS:
         y = lut_gemv(x2d, packed, codebook, bits, in_features)
     elif x2d.shape[0] <= CPU_GEMV_MAX_TOKENS and not triton_runs_on(x2d) and cpu_kernels.handles(x2d[:1]):
-        block = cpu_kernels.MAX_TOKENS
+        block = CPU_GEMV_BLOCK
         y = torch.cat([lut_gemv(part, packed, codebook, bits, in_features) for part in x2d.split(block)])
     elif not triton_runs_on(x2d) and cpu_kernels.native(x2d):
         y = cpu_kernels.linear(x2d, packed, codebook, bits, in_features)

@@ -298,6 +298,7 @@ AVX512 void rows_split(const Problem& p, const float* xs, int64_t r0, int64_t r1
     case 1: rows_split_t<1, kBits>(p, xs, r0, r1); break;
     case 2: rows_split_t<2, kBits>(p, xs, r0, r1); break;
     case 4: rows_split_t<4, kBits>(p, xs, r0, r1); break;
+    case 8: rows_split_t<8, kBits>(p, xs, r0, r1); break;
     default: rows_split_t<0, kBits>(p, xs, r0, r1);
   }
 }
@@ -364,6 +365,7 @@ AVX512VBMI void rows_wide(const Problem& p, const float* xs, int64_t r0, int64_t
     case 1: rows_wide_t<1, kBits>(p, xs, r0, r1); break;
     case 2: rows_wide_t<2, kBits>(p, xs, r0, r1); break;
     case 4: rows_wide_t<4, kBits>(p, xs, r0, r1); break;
+    case 8: rows_wide_t<8, kBits>(p, xs, r0, r1); break;
     default: rows_wide_t<0, kBits>(p, xs, r0, r1);
   }
 }
