@@ -1,10 +1,10 @@
-"""CPU inference: keep the dequantized Ŵ of a layer between calls instead of rebuilding it every token.
+"""CPU inference, opt-in (``SKETCHTUNE_KERNELS=cache``): keep a layer's dequantized Ŵ between calls.
 
-Why a cache and not a smarter CPU kernel: on CPU the cost of the reference path is unpacking and gathering
-out×in codes on every call, which a GEMV of the same size hides nowhere; the cached Ŵ *is* the dense GEMV
-plus a few µs of checks. The price is memory: an eval-mode layer holds a dense Ŵ next to its codes. The
-measured trade-off (per-layer decode times of every strategy, and model memory) is in README "Kernels" and
-``benchmarks/results/efficiency_cpu.json``. ``SKETCHTUNE_KERNELS=reference`` turns the cache off.
+The default CPU path is the C++ kernels (:mod:`.cpu_kernels`), which decode straight from the packed codes
+faster than the dense model and hold no dense weight. The cache remains for CPUs where they cannot be built
+or do not win, and for fp16/fp64 activations they do not take (where ``auto`` uses it too): the cached Ŵ
+*is* the dense GEMV plus a few µs of checks, at the price of a dense Ŵ per layer next to its codes. The
+measured trade-off is in README "Kernels" and ``benchmarks/results/efficiency_cpu.json``.
 
 Correctness rules, enforced by :func:`sketchtune.kernels.sketched_linear` and here:
 
