@@ -34,6 +34,28 @@ class PeakRSS:
         self._thread.join()
 
 
+def nf4_linear(lin: torch.nn.Linear):
+    """bitsandbytes NF4 ``Linear4bit`` of ``lin`` (double-quantised scales, fp32 compute), as QLoRA's base holds
+    it; bitsandbytes ≥ 0.45 quantises (on ``.to()``) and runs it on CPU. The bias is not carried over (the
+    Llama-shaped models benchmarked here have none)."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    return q.to("cpu")
+
+
+def to_nf4(model: torch.nn.Module) -> torch.nn.Module:
+    """Every linear layer inside the decoder layers replaced by :func:`nf4_linear`, in place."""
+    for layer in model.model.layers:
+        for name, lin in list(layer.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent) if parent else layer, child, nf4_linear(lin))
+    return model
+
+
 def machine_meta() -> dict:
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),

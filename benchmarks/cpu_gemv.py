@@ -13,13 +13,14 @@ Every method of a shape is timed round-robin in the same loop, so they share the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import machine_meta, write_json
+from _common import machine_meta, nf4_linear, write_json
 
 from sketchtune import layout
 from sketchtune.kernels import cpu_kernels
@@ -41,15 +42,12 @@ def interleaved_ms(fns: dict, repeat: int) -> dict[str, float]:
 
 
 def nf4_layer(w: torch.Tensor):
-    """bitsandbytes NF4 ``Linear4bit`` of ``w`` (fp32 compute) in eval mode, or None without bitsandbytes."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    """bitsandbytes NF4 ``Linear4bit`` of ``w`` in eval mode, or None without bitsandbytes."""
+    if importlib.util.find_spec("bitsandbytes") is None:
         return None
-    out, inp = w.shape
-    q = bnb.nn.Linear4bit(inp, out, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4")
-    return q.to("cpu").eval()
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.clone()
+    return nf4_linear(lin).eval()
 
 
 def plot(rows: list[dict], path: Path) -> None:

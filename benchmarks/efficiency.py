@@ -46,6 +46,7 @@ from typing import Callable
 import psutil
 import torch
 import torch.nn.functional as F
+from _common import to_nf4
 from torch import nn
 
 from sketchtune.kernels import BACKEND_ENV
@@ -166,22 +167,6 @@ def llama_config(args):
         num_key_value_heads=args.heads, num_hidden_layers=args.layers, vocab_size=args.vocab,
         max_position_embeddings=4096, tie_word_embeddings=False,
     )
-
-
-def to_nf4(model: nn.Module) -> None:
-    """QLoRA's base: every decoder projection as a bitsandbytes NF4 ``Linear4bit`` (double-quantised scales,
-    fp32 compute). bitsandbytes ≥ 0.45 quantises and runs these on CPU."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for name, lin in list(layer.named_modules()):
-            if isinstance(lin, nn.Linear):
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-                parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent), child, q.to("cpu"))  # .to() quantises
 
 
 def build(variant: str, args) -> nn.Module:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from _common import PeakRSS, machine_meta, write_json
+from _common import PeakRSS, machine_meta, to_nf4, write_json
 
 GGUF = "models/smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins"
@@ -95,22 +95,6 @@ def child(args) -> dict:
             "rss_loaded_mb": (loaded - base) / MiB, "rss_after_warmup_mb": (warm - base) / MiB,
             "peak_rss_generating_mb": (peak.peak - base) / MiB, "weight_bytes": weights, "dense_cache_bytes": cache,
             "text": tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)[:200]}
-
-
-def to_nf4(model):
-    """Every decoder projection as a bitsandbytes NF4 ``Linear4bit`` (fp32 compute), as QLoRA's base."""
-    import bitsandbytes as bnb
-    from torch import nn
-
-    for layer in model.model.layers:
-        for name, lin in list(layer.named_modules()):
-            if isinstance(lin, nn.Linear):
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4")
-                parent, _, attr = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, attr, q.to("cpu"))
-    return model
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ the AVX2 bodies — and, on the bundled real model, that token-by-token decoding
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -22,6 +24,17 @@ SHAPES = [(1, 64), (2, 64), (4, 576), (3, 300), (8, 40), (5, 45), (1, 37), (7, 2
           (1, 768), (1, 576), (3, 816)]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def layer(bits: int, gpr: int, inp: int, out: int = 23, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (out, inp), generator=gen)
@@ -31,9 +44,7 @@ def layer(bits: int, gpr: int, inp: int, out: int = 23, seed: int = 0):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gemv_matches_reference_everywhere(bits, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for gpr, inp in SHAPES:
             packed, codebook = layer(bits, gpr, inp, seed=gpr * inp)
             w = layout.dequantize(packed, codebook, bits, inp).double()
@@ -46,8 +57,6 @@ def test_gemv_matches_reference_everywhere(bits, threads):
                         assert y.dtype == torch.float32 and y.shape == ref.shape
                         err = (y.double() - ref).abs().max() / ref.abs().max()
                         assert err < 1e-5, (bits, gpr, inp, dtype, tokens, isa, float(err))
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_forced_isa_and_refusals(monkeypatch):
@@ -159,9 +168,7 @@ TILE_SHAPES = [(1, 64, 23), (2, 300, 23), (4, 576, 41), (3, 75, 9), (5, 45, 17),
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_tiled_kernels_match_reference_values_and_gradients(bits, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for gpr, inp, out in TILE_SHAPES:
             packed, codebook = layer(bits, gpr, inp, out, seed=gpr * inp + out)
             w = layout.dequantize(packed, codebook, bits, inp)
@@ -180,8 +187,6 @@ def test_tiled_kernels_match_reference_values_and_gradients(bits, threads):
                         assert got.dtype == torch.float32 and got.shape == ref.shape
                         err = (got.double() - ref).abs().max() / ref.abs().max()
                         assert err < 1e-5, (bits, gpr, inp, out, dtype, isa, float(err))
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_linear_op_trains_through_the_tiles(monkeypatch):

@@ -86,6 +86,33 @@ AVX512 inline __m512i codes16(const uint8_t* src, int64_t avail, int bits, __m51
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
 
+// The 16 weights of a row at columns c … c + valid − 1 (lanes past `valid` zero): codes16, then one permute of
+// the group's codebook where the chunk lies inside one group, a gather from the row's flattened codebooks
+// where it straddles groups. `g0` is the group of column c; the caller walks along the row, so it only grows.
+AVX512 inline __m512 weights16(const uint8_t* row, int64_t row_bytes, const float* books, int bits, int64_t group,
+                               int64_t c, int64_t valid, __mmask16 mask, int64_t& g0, __m512i shift_lo,
+                               __m512i shift_hi, __m512i code_mask) {
+  const int k = 1 << bits;
+  const int64_t off = (c / 8) * bits;
+  const __m512i codes = codes16(row + off, row_bytes - off, bits, shift_lo, shift_hi, code_mask);
+  while ((g0 + 1) * group <= c) ++g0;
+  int64_t g1 = g0;
+  while ((g1 + 1) * group < c + valid) ++g1;
+  if (g0 == g1) {
+    const __mmask16 book_mask = static_cast<__mmask16>((1u << k) - 1);
+    return _mm512_permutexvar_ps(codes, _mm512_maskz_loadu_ps(book_mask, books + g0 * k));
+  }
+  const __m512i lanes32 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lanes32);
+  __m512i grp = _mm512_set1_epi32(static_cast<int>(g0));
+  for (int64_t g = g0 + 1; g <= g1; ++g) {
+    const __mmask16 past = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(g * group)));
+    grp = _mm512_mask_add_epi32(grp, past, grp, _mm512_set1_epi32(1));
+  }
+  const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(grp, _mm512_set1_epi32(k)), codes);
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
+}
+
 // Ŵ rows [r0, r1) into dst (r1 − r0, in): the GEMV's decoding without the FMA — 16 weights per permute where
 // a chunk lies inside one group, a gather where it straddles two. Used by the tiled kernels (tiles.cpp).
 AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits,
@@ -96,8 +123,6 @@ AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, c
   const __m512i shift_lo = _mm512_mullo_epi64(lane, _mm512_set1_epi64(bits));
   const __m512i shift_hi = _mm512_add_epi64(shift_lo, _mm512_set1_epi64(8LL * bits));
   const __m512i code_mask = _mm512_set1_epi64(k - 1);
-  const __m512i lanes32 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const __mmask16 book_mask = static_cast<__mmask16>((1u << k) - 1);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = packed + r * row_bytes;
     const float* books = codebook + r * gpr * k;
@@ -106,25 +131,8 @@ AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, c
     for (int64_t c = 0; c < in; c += 16) {
       const int64_t valid = std::min<int64_t>(16, in - c);
       const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
-      const int64_t off = (c / 8) * bits;
-      const __m512i codes = codes16(row + off, row_bytes - off, bits, shift_lo, shift_hi, code_mask);
-      while ((g0 + 1) * group <= c) ++g0;
-      int64_t g1 = g0;
-      while ((g1 + 1) * group < c + valid) ++g1;
-      __m512 w;
-      if (g0 == g1) {
-        w = _mm512_permutexvar_ps(codes, _mm512_maskz_loadu_ps(book_mask, books + g0 * k));
-      } else {
-        const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lanes32);
-        __m512i grp = _mm512_set1_epi32(static_cast<int>(g0));
-        for (int64_t g = g0 + 1; g <= g1; ++g) {
-          const __mmask16 past = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(g * group)));
-          grp = _mm512_mask_add_epi32(grp, past, grp, _mm512_set1_epi32(1));
-        }
-        const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(grp, _mm512_set1_epi32(k)), codes);
-        w = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
-      }
-      _mm512_mask_storeu_ps(d + c, mask, w);
+      _mm512_mask_storeu_ps(d + c, mask, weights16(row, row_bytes, books, bits, group, c, valid, mask, g0, shift_lo,
+                                                   shift_hi, code_mask));
     }
   }
 }
@@ -171,7 +179,6 @@ AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
   const __m512i shift_lo = _mm512_mullo_epi64(lane, _mm512_set1_epi64(p.bits));
   const __m512i shift_hi = _mm512_add_epi64(shift_lo, _mm512_set1_epi64(8LL * p.bits));
   const __m512i code_mask = _mm512_set1_epi64(k - 1);
-  const __m512i lanes32 = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __mmask16 book_mask = static_cast<__mmask16>((1u << k) - 1);
   const bool aligned_groups = group % 16 == 0;  // every chunk inside one group
   for (int64_t r = r0; r < r1; ++r) {
@@ -227,25 +234,8 @@ AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
         const int64_t valid = std::min<int64_t>(16, p.in - c);
         const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xFFFF)
                                            : static_cast<__mmask16>((1u << valid) - 1);
-        const int64_t off = (c / 8) * p.bits;
-        const __m512i codes = codes16(row + off, p.row_bytes - off, p.bits,
-                                      shift_lo, shift_hi, code_mask);
-        while ((g0 + 1) * group <= c) ++g0;
-        int64_t g1 = g0;
-        while ((g1 + 1) * group < c + valid) ++g1;
-        __m512 w;
-        if (g0 == g1) {
-          w = _mm512_permutexvar_ps(codes, _mm512_maskz_loadu_ps(book_mask, books + g0 * k));
-        } else {
-          const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c)), lanes32);
-          __m512i grp = _mm512_set1_epi32(static_cast<int>(g0));
-          for (int64_t g = g0 + 1; g <= g1; ++g) {
-            const __mmask16 past = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(g * group)));
-            grp = _mm512_mask_add_epi32(grp, past, grp, _mm512_set1_epi32(1));
-          }
-          const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(grp, _mm512_set1_epi32(k)), codes);
-          w = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
-        }
+        const __m512 w = weights16(row, p.row_bytes, books, p.bits, group, c, valid, mask, g0, shift_lo, shift_hi,
+                                   code_mask);
         for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, load_x16(p, m, c, mask), acc[m]);
       }
     }
@@ -394,23 +384,10 @@ void wide_columns(const Problem& p, float* xs) {
 // x (M, in) → xs in the split of rows_split_t, fp32.
 void split_columns(const Problem& p, float* xs) {
   const int64_t per = 8 / p.bits, chunk = 16 * per;
-  for (int64_t m = 0; m < p.M; ++m) {
-    for (int64_t c = 0; c < p.in; c += chunk) {
-      for (int64_t i = 0; i < 16; ++i) {
-        for (int64_t j = 0; j < per; ++j) {
-          const int64_t src = m * p.in + c + per * i + j;
-          float v;
-          if (p.bf16) {
-            const uint32_t bitsv = static_cast<uint32_t>(static_cast<const uint16_t*>(p.x)[src]) << 16;
-            std::memcpy(&v, &bitsv, 4);
-          } else {
-            v = static_cast<const float*>(p.x)[src];
-          }
-          xs[m * p.in + c + 16 * j + i] = v;
-        }
-      }
-    }
-  }
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t c = 0; c < p.in; c += chunk)
+      for (int64_t i = 0; i < 16; ++i)
+        for (int64_t j = 0; j < per; ++j) xs[m * p.in + c + 16 * j + i] = x_at(p, m * p.in + c + per * i + j);
 }
 
 AVX512 void rows_avx512(const Problem& p, int64_t r0, int64_t r1) {
