@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .. import layout
 from . import cpu_kernels
 from .dense_cache import DenseWeightCache
-from .ops import linear, triton_available
+from .ops import linear, linear_forward, triton_available
 
 BACKEND_ENV = "SKETCHTUNE_KERNELS"
 Backend = Literal["triton", "native", "reference"]
@@ -56,6 +56,15 @@ def _backend(x: torch.Tensor, choice: str, training: bool = False) -> Backend:
     if x.is_cpu and (choice in ("auto", "native") or training) and cpu_kernels.native(x):
         return "native"
     return "reference"
+
+
+def _needs_op(x: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the call must go through the ``sketchtune::linear`` custom op — for autograd (a gradient is
+    wanted) or for a compiler (opaque to Dynamo) — rather than its body, which skips the op's dispatch cost."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def backend_for(x: torch.Tensor, training: bool = False) -> Backend:
@@ -86,6 +95,8 @@ def sketched_linear(
         # reference autograd keeps Ŵ and an int64 index per weight for every layer (~12 B a weight).
         if cache is not None:
             cache.clear()
+        if not _needs_op(x, codebook, bias):
+            return linear_forward(x, packed, codebook, bias, bits, in_features)
         return linear(x, packed, codebook, bias, bits, in_features)
     b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
     if cache is not None and choice in ("auto", "cache") and x.is_cpu and not torch.compiler.is_compiling():

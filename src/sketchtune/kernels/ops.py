@@ -41,14 +41,12 @@ GEMV_MAX_TOKENS = 8
 """Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
 
 CPU_GEMV_MAX_TOKENS = 16
-"""On CPU with the native kernel, up to this many tokens go through the LUT GEMV in blocks of
-:data:`CPU_GEMV_BLOCK`; more go through the tiled kernel (Ŵ tile by tile + GEMM). Measured on one thread
-(576↔1536 and 2048², INT4): the GEMV's cost grows with the tokens while a tile's dequantization is paid once, so
-the tiles win from ~16–32 tokens on, by 1.5× at 32 tokens on 2048×2048."""
-
-CPU_GEMV_BLOCK = 8
-"""Tokens per GEMV call in a batch: the kernel keeps 8 tokens' accumulators in registers (compiled for 1, 2, 4
-and 8 tokens); 16 at once spill them and ran 1.3–1.4× slower than two blocks of 8."""
+"""On CPU with the native kernel, up to this many tokens go through the LUT GEMV (which walks them in blocks of
+4: at 8 tokens on one thread, bits 2/3/4 × GPR 1/4 × fp32/bf16 on 576↔1536 and 2048², two blocks of 4 ran
+1.2–2.6× faster than one of 8 in 30 of 36 cases, as 8 tokens' accumulators spill); more go through the tiled
+kernel (Ŵ tile by tile + GEMM, bf16 GEMM for bf16 inputs). The GEMV's cost grows with the tokens while a tile's
+dequantization is paid once: measured on one thread with bf16 inputs, INT4, the two cross near 16 tokens
+(576↔1536, 2048², 4096²) and the tiles win by 1.4–2.3× at 32."""
 
 CODEBOOK_GRAD_ENV = "SKETCHTUNE_CODEBOOK_GRAD"
 
@@ -108,6 +106,11 @@ def _(packed, codebook, bits, in_features, dtype):
 def lut_gemv(
     x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int
 ) -> torch.Tensor:
+    return _lut_gemv(x, packed, codebook, bits, in_features)
+
+
+def _lut_gemv(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int,
+              in_features: int) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_empty(0, packed.shape[0])
     if triton_runs_on(x):
@@ -200,12 +203,19 @@ def linear(
     bits: int,
     in_features: int,
 ) -> torch.Tensor:
+    return linear_forward(x, packed, codebook, bias, bits, in_features)
+
+
+def linear_forward(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None,
+                   bits: int, in_features: int) -> torch.Tensor:
+    """The body of ``sketchtune::linear`` as a plain function: what inference calls when no gradient is wanted
+    and nothing is being compiled. Each custom-op dispatch costs ~20–50 µs in eager mode — next to a 50 µs
+    decode GEMV of a 576×1536 layer, that doubled the layer's time — so this skips both (``linear`` and the
+    ``lut_gemv`` it used to call)."""
     x2d = x.reshape(-1, in_features)
-    if x2d.shape[0] <= GEMV_MAX_TOKENS:
-        y = lut_gemv(x2d, packed, codebook, bits, in_features)
-    elif x2d.shape[0] <= CPU_GEMV_MAX_TOKENS and not triton_runs_on(x2d) and cpu_kernels.handles(x2d[:1]):
-        block = CPU_GEMV_BLOCK
-        y = torch.cat([lut_gemv(part, packed, codebook, bits, in_features) for part in x2d.split(block)])
+    if x2d.shape[0] <= GEMV_MAX_TOKENS or (x2d.shape[0] <= CPU_GEMV_MAX_TOKENS and not triton_runs_on(x2d)
+                                           and cpu_kernels.handles(x2d)):
+        y = _lut_gemv(x2d, packed, codebook, bits, in_features)
     elif not triton_runs_on(x2d) and cpu_kernels.native(x2d):
         y = cpu_kernels.linear(x2d, packed, codebook, bits, in_features)
     else:

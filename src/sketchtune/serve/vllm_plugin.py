@@ -103,7 +103,9 @@ class SketchTuneLinearMethod(LinearMethodBase):
         layer.codebook = torch.nn.Parameter(layer.codebook.data, requires_grad=False)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.linear(x, layer.weight, layer.codebook, bias, self.config.bits, layer.sketch_in_features)
+        # The op's body directly (no custom-op dispatch per layer) unless vLLM is compiling the model.
+        run = ops.linear if torch.compiler.is_compiling() else ops.linear_forward
+        return run(x, layer.weight, layer.codebook, bias, self.config.bits, layer.sketch_in_features)
 
 
 def register() -> None:

@@ -115,8 +115,11 @@ AVX512 inline __m512 weights16(const uint8_t* row, int64_t row_bytes, const floa
 
 // Ŵ rows [r0, r1) into dst (r1 − r0, in): the GEMV's decoding without the FMA — 16 weights per permute where
 // a chunk lies inside one group, a gather where it straddles two. Used by the tiled kernels (tiles.cpp).
+// With `Out` = uint16_t the rows are written as bf16: the codebook must already hold bf16-representable values
+// (tiles.cpp rounds the ≤ 16-entry tables once), so truncating each weight to its top 16 bits is exact.
+template <typename Out>
 AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits,
-                                     int64_t gpr, int64_t in, int64_t r0, int64_t r1, float* dst) {
+                                     int64_t gpr, int64_t in, int64_t r0, int64_t r1, Out* dst) {
   const int k = 1 << bits;
   const int64_t group = in / gpr;
   const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
@@ -126,13 +129,19 @@ AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, c
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = packed + r * row_bytes;
     const float* books = codebook + r * gpr * k;
-    float* d = dst + (r - r0) * in;
+    Out* d = dst + (r - r0) * in;
     int64_t g0 = 0;
     for (int64_t c = 0; c < in; c += 16) {
       const int64_t valid = std::min<int64_t>(16, in - c);
       const __mmask16 mask = valid == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
-      _mm512_mask_storeu_ps(d + c, mask, weights16(row, row_bytes, books, bits, group, c, valid, mask, g0, shift_lo,
-                                                   shift_hi, code_mask));
+      const __m512 w = weights16(row, row_bytes, books, bits, group, c, valid, mask, g0, shift_lo, shift_hi,
+                                 code_mask);
+      if constexpr (sizeof(Out) == 4) {
+        _mm512_mask_storeu_ps(d + c, mask, w);
+      } else {
+        const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16));
+        _mm256_mask_storeu_epi16(d + c, mask, h);
+      }
     }
   }
 }
@@ -509,6 +518,9 @@ int best_isa() {
   return 0;
 }
 
+constexpr int64_t kBlock = 4;
+void gemv_block(const Problem& p, int use);
+
 }  // namespace
 
 // x (M, in) fp32/bf16, packed (out, row_bytes) uint8, codebook (out, gpr, 2^bits) → y (M, out) fp32.
@@ -531,10 +543,25 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor code
   auto cb = codebook.to(torch::kFloat).contiguous();
   const int64_t out = packed.size(0);
   auto y = torch::empty({x.size(0), out}, x.options().dtype(torch::kFloat));
-  Problem p{xc.data_ptr(), x.scalar_type() == torch::kBFloat16, x.size(0), in_features, out,
-            pc.data_ptr<uint8_t>(), pc.size(1), cb.data_ptr<float>(), static_cast<int>(bits), cb.size(1),
-            y.data_ptr<float>()};
-  if (p.M == 0 || out == 0) return y;
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const int64_t x_bytes = bf16 ? 2 : 4;
+  // Tokens in blocks of kBlock, the remainder as 2 + 1: each block's accumulators stay in registers (8 tokens'
+  // spill on AVX-512 and ran up to 2.6× slower than two blocks of 4), and every block size is a compiled one.
+  for (int64_t m0 = 0; m0 < x.size(0);) {
+    const int64_t left = x.size(0) - m0, m = left >= kBlock ? kBlock : (left >= 2 ? 2 : 1);
+    Problem p{static_cast<const char*>(xc.data_ptr()) + m0 * in_features * x_bytes, bf16, m, in_features, out,
+              pc.data_ptr<uint8_t>(), pc.size(1), cb.data_ptr<float>(), static_cast<int>(bits), cb.size(1),
+              y.data_ptr<float>() + m0 * out};
+    if (out > 0) gemv_block(p, use);
+    m0 += m;
+  }
+  return y;
+}
+
+namespace {
+
+void gemv_block(const Problem& p, int use) {
+  const int64_t bits = p.bits, in_features = p.in, out = p.out;
   const int64_t group = in_features / p.gpr;
   // Which decoding: wide chunks when they tile the group exactly; else the 32/64-column split when it does
   // (INT4/INT2); else wide chunks with a tail; else the general path.
@@ -548,7 +575,7 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor code
       else if (bits == 3) rows_wide<3>(p, xs.data(), r0, r1);
       else rows_wide<2>(p, xs.data(), r0, r1);
     });
-    return y;
+    return;
   }
   if (use == 2 && split_fits) {
     std::vector<float> xs(static_cast<size_t>(p.M * in_features));
@@ -556,19 +583,25 @@ torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor code
     at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
       if (bits == 4) rows_split<4>(p, xs.data(), r0, r1); else rows_split<2>(p, xs.data(), r0, r1);
     });
-    return y;
+    return;
   }
   at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
     if (use == 2) rows_avx512(p, r0, r1); else rows_avx2(p, r0, r1);
   });
-  return y;
 }
+
+}  // namespace
 
 int64_t cpu_isa() { return best_isa(); }
 
 void dequant_rows_avx512(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits, int64_t gpr,
                          int64_t in, int64_t r0, int64_t r1, float* dst) {
-  dequant_rows_avx512_impl(packed, row_bytes, codebook, bits, gpr, in, r0, r1, dst);
+  dequant_rows_avx512_impl<float>(packed, row_bytes, codebook, bits, gpr, in, r0, r1, dst);
+}
+
+void dequant_rows_bf16_avx512(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits,
+                              int64_t gpr, int64_t in, int64_t r0, int64_t r1, uint16_t* dst) {
+  dequant_rows_avx512_impl<uint16_t>(packed, row_bytes, codebook, bits, gpr, in, r0, r1, dst);
 }
 
 void bin_rows_avx512(const uint8_t* packed, int64_t row_bytes, const float* g_rows, int bits, int64_t gpr,
