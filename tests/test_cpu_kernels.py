@@ -162,26 +162,54 @@ def test_native_perplexity_equals_reference(sketched_dir, monkeypatch):
     assert all(m.dense_cache.weight is None for m in model.modules() if isinstance(m, sketchtune.SketchedLinear))
 
 
-@pytest.mark.parametrize("tokens", [9, 12, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_decoding_runs_the_gemv_in_blocks(monkeypatch, tokens, dtype):
-    """9–16 tokens (vLLM decoding several requests at once) go through the native GEMV (which blocks them in C++),
-    with the reference's numbers; 17 go through the tiled kernel instead."""
+def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype):
+    """Batched decoding (vLLM serving several requests) and short prompts: up to ``gemv_tokens`` tokens the GEMV
+    (16 for fp32; 4 for bf16 where the batched bf16 kernel exists), then bf16 inputs up to 64 tokens the bf16 dot
+    kernel, everything else the tiles — each with the reference's numbers."""
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
     calls = []
-    real = cpu_kernels.lut_gemv
-    monkeypatch.setattr(cpu_kernels, "lut_gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for name in ("lut_gemv", "linear_bf16_dot", "linear_tiled"):
+        real = getattr(ext, name)
+        monkeypatch.setattr(ext, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     packed, codebook = layer(4, 4, 576, out=40)
-    codebook = codebook.to(dtype)
-    x = torch.randn(tokens, 576).to(dtype)
-    y = ops.linear(x, packed, codebook, None, 4, 576)
-    assert calls == [tokens]
-    ref = x.float() @ layout.dequantize(packed, codebook, 4, 576).float().t()
-    torch.testing.assert_close(y.float(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
-                               atol=5e-2 if dtype == torch.bfloat16 else 1e-4)
-    calls.clear()
-    ops.linear(torch.randn(ops.CPU_GEMV_MAX_TOKENS + 1, 576).to(dtype), packed, codebook, None, 4, 576)
-    assert not calls
+    w = layout.dequantize(packed, codebook, 4, 576)
+    gemv_max = cpu_kernels.gemv_tokens(dtype)
+    dot = dtype == torch.bfloat16 and cpu_kernels.bf16_dot()
+    for tokens in (1, 3, 4, 5, 9, 16, 17, 40, 64, 65):
+        calls.clear()
+        x = torch.randn(tokens, 576).to(dtype)
+        with torch.no_grad():
+            y = ops.linear(x, packed, codebook, None, 4, 576)
+        want = ("lut_gemv" if tokens <= gemv_max else
+                "linear_bf16_dot" if dot and tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS else "linear_tiled")
+        assert calls == [want], (tokens, calls)
+        assert y.dtype == dtype and y.shape == (tokens, 40)
+        ref = x.float() @ (w.to(dtype).float() if dtype == torch.bfloat16 else w).t()
+        torch.testing.assert_close(y.float(), ref, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-4)
+    assert gemv_max == (16 if dtype == torch.float32 or not cpu_kernels.bf16_dot() else 4)
+
+
+@pytest.mark.skipif(ext is None or not ext.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bf16_dot_kernel_matches_the_reference(bits, threads):
+    """``bf16_dot.cpp`` over group sizes that are whole 32-column chunks (INT4's nibble-pair decoding), whole
+    16-column ones (word permutes), neither (the fp32 decoding narrowed), row tails, a short last row panel and
+    1–70 tokens (the zero-padded last token block): y = x · bf16(Ŵ)ᵀ with fp32 accumulation, rounded to bf16."""
+    with torch_threads(threads):
+        for gpr, inp, out in [(1, 64, 23), (4, 576, 41), (2, 288, 6), (3, 75, 9), (5, 45, 17), (1, 37, 3),
+                              (7, 2107, 5), (4, 2048, 130)]:
+            packed, codebook = layer(bits, gpr, inp, out, seed=gpr * inp + out + bits)
+            wb = layout.dequantize(packed, codebook, bits, inp).bfloat16().double()
+            for tokens in (1, 2, 5, 8, 33, 70):
+                x = torch.randn(tokens, inp).bfloat16()
+                y = ext.linear_bf16_dot(x, packed, codebook, bits, inp)
+                ref = x.double() @ wb.t()
+                assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+                err = (y.double() - ref).abs().max() / ref.abs().max()
+                assert err < 8e-3, (bits, gpr, inp, out, tokens, float(err))  # bf16 rounding of y: ≤ 2^-8
 
 
 # --- tiles.cpp: prefill, ∂x and the fused codebook gradient -----------------------------------------------

@@ -40,13 +40,13 @@ from . import cpu_kernels
 GEMV_MAX_TOKENS = 8
 """Token counts up to this use the LUT GEMV (decoding); more rebuild Ŵ for one matmul (prefill, training)."""
 
-CPU_GEMV_MAX_TOKENS = 16
-"""On CPU with the native kernel, up to this many tokens go through the LUT GEMV (which walks them in blocks of
-4: at 8 tokens on one thread, bits 2/3/4 × GPR 1/4 × fp32/bf16 on 576↔1536 and 2048², two blocks of 4 ran
-1.2–2.6× faster than one of 8 in 30 of 36 cases, as 8 tokens' accumulators spill); more go through the tiled
-kernel (Ŵ tile by tile + GEMM, bf16 GEMM for bf16 inputs). The GEMV's cost grows with the tokens while a tile's
-dequantization is paid once: measured on one thread with bf16 inputs, INT4, the two cross near 16 tokens
-(576↔1536, 2048², 4096²) and the tiles win by 1.4–2.3× at 32."""
+CPU_GEMV_MAX_TOKENS = cpu_kernels.MAX_TOKENS
+"""On CPU with the native kernels, fp32 inputs of up to this many tokens go through the LUT GEMV (which walks
+them in blocks of 4: at 8 tokens on one thread, bits 2/3/4 × GPR 1/4 × fp32/bf16 on 576↔1536 and 2048², two
+blocks of 4 ran 1.2–2.6× faster than one of 8 in 30 of 36 cases, as 8 tokens' accumulators spill), and bf16
+inputs of up to 4 (:func:`.cpu_kernels.gemv_tokens`: beyond that the batched bf16 kernel is faster where the CPU
+has AVX512-BF16); more go through :func:`.cpu_kernels.linear` — the batched bf16 kernel, or Ŵ tile by tile into
+torch's GEMM."""
 
 CODEBOOK_GRAD_ENV = "SKETCHTUNE_CODEBOOK_GRAD"
 
@@ -213,11 +213,13 @@ def linear_forward(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor
     decode GEMV of a 576×1536 layer, that doubled the layer's time — so this skips both (``linear`` and the
     ``lut_gemv`` it used to call)."""
     x2d = x.reshape(-1, in_features)
-    if x2d.shape[0] <= GEMV_MAX_TOKENS or (x2d.shape[0] <= CPU_GEMV_MAX_TOKENS and not triton_runs_on(x2d)
-                                           and cpu_kernels.handles(x2d)):
+    if not triton_runs_on(x2d) and cpu_kernels.native(x2d):
+        if x2d.shape[0] <= cpu_kernels.gemv_tokens(x2d.dtype) and cpu_kernels.handles(x2d):
+            y = cpu_kernels.lut_gemv(x2d, packed, codebook, bits, in_features)
+        else:
+            y = cpu_kernels.linear(x2d, packed, codebook, bits, in_features)
+    elif x2d.shape[0] <= GEMV_MAX_TOKENS:
         y = _lut_gemv(x2d, packed, codebook, bits, in_features)
-    elif not triton_runs_on(x2d) and cpu_kernels.native(x2d):
-        y = cpu_kernels.linear(x2d, packed, codebook, bits, in_features)
     else:
         y = x2d @ dequantize(packed, codebook, bits, in_features, x.dtype).t()
     if bias is not None:
