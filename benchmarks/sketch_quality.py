@@ -129,6 +129,7 @@ def main() -> None:
     p.add_argument("--heal-curve", type=int, nargs="*", default=[25, 50, 100, 150, 200, 300, 400],
                    help="healing steps at which the curve is scored")
     p.add_argument("--heal-save-steps", type=int, default=25, help="resumable checkpoint every N healing steps")
+    p.add_argument("--heal-configs", default=None, help="BITS:GPR,… — heal only these, in this order")
     p.add_argument("--heal-dir", default="benchmarks/cache/heal", help="sketches and partial heals (resumable)")
     p.add_argument("--heldout-docs", type=int, default=100, help="last C4 documents kept out of everything")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -162,7 +163,11 @@ def main() -> None:
               else f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}")
     if args.heal or args.only_heal:
         split = split_c4(tok, args.calib, args.nsamples, args.seqlen, args.seed, args.heldout_docs, Path(args.heal_dir))
-        for cfg in HEAL_CONFIGS[: args.limit] if args.limit and args.only_heal else HEAL_CONFIGS:
+        heal_configs = HEAL_CONFIGS
+        if args.heal_configs:  # "BITS:GPR,…" picks (and orders) a subset
+            wanted = [tuple(int(v) for v in item.split(":")) for item in args.heal_configs.split(",")]
+            heal_configs = [c for w in wanted for c in HEAL_CONFIGS if (c["bits"], c["gpr"]) == w]
+        for cfg in heal_configs[: args.limit] if args.limit and args.only_heal else heal_configs:
             name = label(dict(cfg, healed=True))
             if name in done:
                 continue
