@@ -3,7 +3,7 @@
 Random codes and codebooks (speed does not depend on the values). For each shape, token count, bit width and GPR:
 the median time of the dense bf16 ``F.linear`` (Ŵ held in bf16, torch's oneDNN GEMM) and of the sketch layer's
 inference path as the model and the vLLM plug-in call it (``sketchtune.kernels.ops.linear_forward``: the LUT GEMV
-up to 4 tokens, the batched AVX512-BF16 kernel up to 64, bf16 tiles beyond), timed round-robin in one loop so
+up to 4 tokens, the batched AVX512-BF16 kernel up to 32, bf16 tiles beyond), timed round-robin in one loop so
 both share the machine's conditions. Ratio < 1: the sketch is faster. Bytes resident beside each.
 
     python benchmarks/cpu_batched.py --threads 1

@@ -206,6 +206,24 @@ def cpu_gemv(d: dict) -> str:
             + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
 
 
+def cpu_batched(d: dict) -> str:
+    rows = d["rows"]
+    tokens = sorted({r["tokens"] for r in rows})
+    body = []
+    for threads in sorted({r["threads"] for r in rows}):
+        for out, inp, bits, gpr in dict.fromkeys((r["out"], r["in"], r["bits"], r["gpr"]) for r in rows):
+            cells = []
+            for t in tokens:
+                r = next((r for r in rows if (r["threads"], r["out"], r["in"], r["bits"], r["gpr"], r["tokens"])
+                          == (threads, out, inp, bits, gpr, t)), None)
+                cells.append("—" if r is None else f"{r['time_vs_dense_bf16']:.2f}× {r['kernel']}")
+            body.append([str(threads), f"{out}×{inp}", f"INT{bits} GPR{gpr}"] + cells)
+    return ("**CPU, several tokens at once** (`cpu_batched.json`, bf16, medians of round-robin calls) — time of the "
+            "sketch layer's inference path over dense bf16 `F.linear`'s (< 1: the sketch is faster), and the kernel "
+            "that ran.\n\n"
+            + _table(["threads", "out×in", "sketch"] + [f"{t} tok" for t in tokens], body))
+
+
 def efficiency(d: dict) -> str:
     meta, model = d["meta"], d["model"]
     shape = meta["model"]
@@ -245,6 +263,8 @@ def render(include_partial: bool = True) -> str:
         parts.append(generate_cpu(d))
     if (d := _load("cpu_gemv.json")) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
         parts.append(cpu_gemv(d))
+    if (d := _load("cpu_batched.json")) is not None:
+        parts.append(cpu_batched(d))
     return "\n\n".join(parts)
 
 

@@ -1,7 +1,7 @@
 """Native CPU kernels (C++, AVX-512 / AVX2 picked at run time), built on first use and cached.
 
 ``cpu/lut_gemv.cpp`` computes y = x·Ŵᵀ for up to 16 tokens straight from the packed codes and codebooks,
-never materialising Ŵ (see the file's header for how); ``cpu/bf16_dot.cpp`` serves bf16 batches of 5–64 tokens
+never materialising Ŵ (see the file's header for how); ``cpu/bf16_dot.cpp`` serves bf16 batches of 5–32 tokens
 (vLLM decoding several requests, short prompts) on AVX512-BF16 dot products, Ŵ decoded one small row panel at a
 time; ``cpu/tiles.cpp`` serves prefill and training: the
 forward, ∂x and the fused codebook gradient walk the layer in ~4 MiB tiles of Ŵ rows, so no whole-layer Ŵ,
@@ -28,7 +28,7 @@ ISA_ENV = "SKETCHTUNE_CPU_ISA"
 ENABLE_ENV = "SKETCHTUNE_CPU_KERNELS"
 MAX_TOKENS = 16
 BF16_GEMV_TOKENS = 4
-BF16_DOT_MAX_TOKENS = 64
+BF16_DOT_MAX_TOKENS = 32
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 _SOURCES = [Path(__file__).parent / "cpu" / name for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp")]
 
@@ -103,9 +103,11 @@ def gemv_tokens(dtype: torch.dtype) -> int:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """y = x·Ŵᵀ (tokens, out) in x's dtype: bf16 inputs of up to :data:`BF16_DOT_MAX_TOKENS` tokens on the
+    """y = x·Ŵᵀ (tokens, out) in x's dtype: bf16 inputs of up to :data:`BF16_DOT_MAX_TOKENS` (32) tokens on the
     batched bf16 kernel where the CPU has it, else Ŵ one ~4 MiB row tile at a time into torch's GEMM (which
-    at 128 tokens and more matches or beats the bf16 kernel: its GEMM is better blocked for many tokens)."""
+    from ~64 tokens on beats the bf16 kernel: in ``benchmarks/results/cpu_batched.json`` the bf16 kernel took
+    1.13–1.43× dense bf16's time at 64 tokens where the tiles took 1.07–1.15× at 128; torch's GEMM is better
+    blocked for many tokens)."""
     if x.dtype == torch.bfloat16 and x.shape[0] <= BF16_DOT_MAX_TOKENS and bf16_dot():
         return extension().linear_bf16_dot(x, packed, codebook, bits, in_features)
     return extension().linear_tiled(x, packed, codebook, bits, in_features, isa()).to(x.dtype)
