@@ -2,7 +2,10 @@
 
 =================================  ==========================================================================
 ``sketchtune::linear``             y = x Ŵᵀ + b, with autograd (∂x, ∂codebook, ∂bias; none for the codes);
-                                   ≤ ``GEMV_MAX_TOKENS`` tokens → ``lut_gemv``, more → ``dequantize`` + matmul
+                                   CUDA/reference: ≤ ``GEMV_MAX_TOKENS`` tokens → ``lut_gemv``, more →
+                                   ``dequantize`` + matmul; CPU native: the GEMV, the batched bf16 kernel or
+                                   the tiles by token count (:data:`CPU_GEMV_MAX_TOKENS`). Inference calls
+                                   its body, :func:`linear_forward`, without the op's dispatch
 ``sketchtune::dequantize``         Ŵ (out, in) in a given dtype
 ``sketchtune::lut_gemv``           x (M, in) → (M, out) straight from the packed codes, fp32 accumulation;
                                    on CPU the native AVX-512/AVX2 kernel (:mod:`.cpu_kernels`) when built
@@ -18,7 +21,8 @@ PyTorch body computing the same thing, so a CPU ``opcheck`` or an export never h
 
 The backward of ``linear`` recomputes Ŵ for ∂x instead of saving it: one dequantize per layer is cheap next
 to the matmul, and saving Ŵ would cost a dense weight of activation memory per layer. On CPU with the native
-extension (:mod:`.cpu_kernels`) every op but the GEMV runs ``cpu/tiles.cpp``: prefill, ∂x and ∂codebook walk
+extension (:mod:`.cpu_kernels`) every op but the GEMV (and the batched bf16 forward) runs ``cpu/tiles.cpp``:
+prefill, ∂x and ∂codebook walk
 Ŵ in ~4 MiB row tiles, so not even one whole-layer Ŵ, dense ∂Ŵ or int64 index tensor exists. ∂codebook uses the
 fused kernel unless ``SKETCHTUNE_CODEBOOK_GRAD=unfused`` selects 2-D ``torch.mm`` + ``bin_reduce`` (kept as
 the fallback; which is faster per shape is still to be measured on a GPU). Bins are added with fp32
