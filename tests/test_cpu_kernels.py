@@ -165,30 +165,33 @@ def test_native_perplexity_equals_reference(sketched_dir, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype):
     """Batched decoding (vLLM serving several requests) and short prompts: up to ``gemv_tokens`` tokens the GEMV
-    (16 for fp32; 4 for bf16 where the batched bf16 kernel exists), then bf16 inputs up to 32 tokens the bf16 dot
-    kernel, everything else the tiles — each with the reference's numbers."""
+    (16 for fp32; for bf16 3 where the AMX kernel runs, else 4 where the batched bf16 kernel exists), then bf16
+    inputs up to 64 tokens the AMX kernel or up to 32 the bf16 dot kernel, everything else the tiles — each with
+    the reference's numbers."""
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
     calls = []
-    for name in ("lut_gemv", "linear_bf16_dot", "linear_tiled"):
+    for name in ("lut_gemv", "linear_bf16_dot", "linear_amx", "linear_tiled"):
         real = getattr(ext, name)
         monkeypatch.setattr(ext, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     packed, codebook = layer(4, 4, 576, out=40)
     w = layout.dequantize(packed, codebook, 4, 576)
     gemv_max = cpu_kernels.gemv_tokens(dtype)
     dot = dtype == torch.bfloat16 and cpu_kernels.bf16_dot()
-    for tokens in (1, 3, 4, 5, 9, 16, 17, 32, 33, 65):
+    amx = dtype == torch.bfloat16 and cpu_kernels.amx()
+    for tokens in (1, 3, 4, 5, 9, 16, 17, 32, 33, 64, 65):
         calls.clear()
         x = torch.randn(tokens, 576).to(dtype)
         with torch.no_grad():
             y = ops.linear(x, packed, codebook, None, 4, 576)
         want = ("lut_gemv" if tokens <= gemv_max else
+                "linear_amx" if amx and tokens <= cpu_kernels.AMX_MAX_TOKENS else
                 "linear_bf16_dot" if dot and tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS else "linear_tiled")
         assert calls == [want], (tokens, calls)
         assert y.dtype == dtype and y.shape == (tokens, 40)
         ref = x.float() @ (w.to(dtype).float() if dtype == torch.bfloat16 else w).t()
         torch.testing.assert_close(y.float(), ref, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-2 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-4)
-    assert gemv_max == (16 if dtype == torch.float32 or not cpu_kernels.bf16_dot() else 4)
+    assert gemv_max == (16 if dtype == torch.float32 or not cpu_kernels.bf16_dot() else 3 if amx else 4)
 
 
 @pytest.mark.skipif(ext is None or not ext.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
@@ -210,6 +213,31 @@ def test_bf16_dot_kernel_matches_the_reference(bits, threads):
                 assert y.dtype == torch.bfloat16 and y.shape == ref.shape
                 err = (y.double() - ref).abs().max() / ref.abs().max()
                 assert err < 8e-3, (bits, gpr, inp, out, tokens, float(err))  # bf16 rounding of y: ≤ 2^-8
+
+
+@pytest.mark.skipif(ext is None or not ext.has_amx(), reason="this CPU has no AMX-BF16 tiles (or Linux withheld them)")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_amx_kernel_matches_the_reference(bits, threads):
+    """``amx_linear.cpp`` over group sizes that are whole 32-column chunks, whole 16-column ones, neither (the
+    three decodings), a short last 32-row panel, one and several panels per thread, and 1–70 tokens (one or two
+    16-token B tiles, a partial last block): y = x · bf16(Ŵ)ᵀ with fp32 accumulation, rounded to bf16; widths
+    that are not a multiple of 32 are refused with a clear error."""
+    with torch_threads(threads):
+        for gpr, inp, out in [(1, 64, 23), (4, 576, 41), (2, 288, 6), (3, 96, 33), (5, 160, 17), (1, 1536, 70),
+                              (4, 2048, 130)]:
+            packed, codebook = layer(bits, gpr, inp, out, seed=gpr * inp + out + bits)
+            wb = layout.dequantize(packed, codebook, bits, inp).bfloat16().double()
+            for tokens in (1, 2, 5, 16, 17, 32, 33, 70):
+                x = torch.randn(tokens, inp).bfloat16()
+                y = ext.linear_amx(x, packed, codebook, bits, inp)
+                ref = x.double() @ wb.t()
+                assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+                err = (y.double() - ref).abs().max() / ref.abs().max()
+                assert err < 8e-3, (bits, gpr, inp, out, tokens, float(err))  # bf16 rounding of y: ≤ 2^-8
+    packed, codebook = layer(bits, 1, 40, 8)
+    with pytest.raises(RuntimeError, match="divisible by 32"):
+        ext.linear_amx(torch.randn(2, 40).bfloat16(), packed, codebook, bits, 40)
 
 
 # --- tiles.cpp: prefill, ∂x and the fused codebook gradient -----------------------------------------------

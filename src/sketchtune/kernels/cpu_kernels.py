@@ -3,7 +3,8 @@
 ``cpu/lut_gemv.cpp`` computes y = x·Ŵᵀ for up to 16 tokens straight from the packed codes and codebooks,
 never materialising Ŵ (see the file's header for how); ``cpu/bf16_dot.cpp`` serves bf16 batches of 5–32 tokens
 (vLLM decoding several requests, short prompts) on AVX512-BF16 dot products, Ŵ decoded one small row panel at a
-time; ``cpu/tiles.cpp`` serves prefill and training: the
+time, and ``cpu/amx_linear.cpp`` the same (4–64 tokens) on Intel AMX tiles where the CPU has them;
+``cpu/tiles.cpp`` serves prefill and training: the
 forward, ∂x and the fused codebook gradient walk the layer in ~4 MiB tiles of Ŵ rows, so no whole-layer Ŵ,
 dense ∂Ŵ or int64 index tensor is ever held. It is compiled with ``torch.utils.cpp_extension.load``
 the first time it is needed — about half a minute, once per machine and torch version; the build is cached in
@@ -29,8 +30,11 @@ ENABLE_ENV = "SKETCHTUNE_CPU_KERNELS"
 MAX_TOKENS = 16
 BF16_GEMV_TOKENS = 4
 BF16_DOT_MAX_TOKENS = 32
+AMX_GEMV_TOKENS = 3
+AMX_MAX_TOKENS = 64
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
-_SOURCES = [Path(__file__).parent / "cpu" / name for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp")]
+_SOURCES = [Path(__file__).parent / "cpu" / name
+            for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp", "amx_linear.cpp")]
 
 
 @cache
@@ -39,7 +43,7 @@ def extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        ext = load(name="sketchtune_cpu_v15", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
+        ext = load(name="sketchtune_cpu_v19", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
                    verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
@@ -93,21 +97,38 @@ def bf16_dot() -> bool:
     return ext is not None and isa() in (0, 2) and ext.has_bf16_dot()
 
 
+def amx() -> bool:
+    """Whether the AMX kernel (``cpu/amx_linear.cpp``: Intel AMX bf16 tiles, Sapphire Rapids and later) runs
+    here: built, CPUID reports AMX-TILE and AMX-BF16, Linux granted the tile state, and no instruction set is
+    forced (``SKETCHTUNE_CPU_ISA=avx512`` tests the AVX-512 kernels on an AMX machine)."""
+    ext = extension()
+    return ext is not None and isa() == 0 and ext.has_amx()
+
+
 def gemv_tokens(dtype: torch.dtype) -> int:
     """Up to how many tokens the GEMV is the fastest kernel for activations of ``dtype``; more go to
     :func:`linear`. Measured on one thread (Zen 4; 576↔1536, 2048², 4096²; INT4 GPR 4): with bf16 inputs the
     batched bf16 kernel matches the GEMV at 4 tokens and beats it from 8 on (0.80–1.17× the dense bf16
     ``F.linear``'s time at 8 tokens, where the GEMV took 0.78–1.94×); fp32 inputs have no such kernel, and the
-    GEMV beats the fp32 tiles up to ~16 tokens."""
-    return BF16_GEMV_TOKENS if dtype == torch.bfloat16 and bf16_dot() else MAX_TOKENS
+    GEMV beats the fp32 tiles up to ~16 tokens. Where the AMX kernel runs, the GEMV keeps 1–3 bf16 tokens (one
+    Xeon thread, INT4 GPR 1: at 2 tokens the GEMV took 0.5–0.9× AMX's time, at 4 tokens 1.0–1.7×)."""
+    if dtype != torch.bfloat16:
+        return MAX_TOKENS
+    return AMX_GEMV_TOKENS if amx() else BF16_GEMV_TOKENS if bf16_dot() else MAX_TOKENS
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """y = x·Ŵᵀ (tokens, out) in x's dtype: bf16 inputs of up to :data:`BF16_DOT_MAX_TOKENS` (32) tokens on the
+    """y = x·Ŵᵀ (tokens, out) in x's dtype: bf16 inputs of up to :data:`AMX_MAX_TOKENS` (64) tokens on the AMX
+    kernel where the CPU has AMX and ``in_features`` is a multiple of 32 (one Xeon thread, INT4 GPR 1, 576↔1536
+    to 4096²: 0.65–1.22× dense bf16's time at 4–32 tokens, where the bf16 dot kernel took 1.0–5×; at 256 tokens
+    the tiles took 0.57–0.71× the AMX kernel's time, which streams all of x past every 32-row panel), else up to
+    :data:`BF16_DOT_MAX_TOKENS` (32) tokens on the
     batched bf16 kernel where the CPU has it, else Ŵ one ~4 MiB row tile at a time into torch's GEMM (which
     from ~64 tokens on beats the bf16 kernel: in ``benchmarks/results/cpu_batched.json`` the bf16 kernel took
     1.13–1.43× dense bf16's time at 64 tokens where the tiles took 1.07–1.15× at 128; torch's GEMM is better
     blocked for many tokens)."""
+    if x.dtype == torch.bfloat16 and x.shape[0] <= AMX_MAX_TOKENS and in_features % 32 == 0 and amx():
+        return extension().linear_amx(x, packed, codebook, bits, in_features)
     if x.dtype == torch.bfloat16 and x.shape[0] <= BF16_DOT_MAX_TOKENS and bf16_dot():
         return extension().linear_bf16_dot(x, packed, codebook, bits, in_features)
     return extension().linear_tiled(x, packed, codebook, bits, in_features, isa()).to(x.dtype)

@@ -681,6 +681,10 @@ torch::Tensor bin_reduce(torch::Tensor grad_weight, torch::Tensor packed, int64_
 bool has_bf16_dot();
 torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
                               int64_t in_features);
+// amx_linear.cpp
+bool has_amx();
+torch::Tensor linear_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
+                         int64_t in_features);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemv", &lut_gemv, "y = x·Ŵᵀ from packed codes (fp32 out)");
@@ -691,4 +695,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &cpu_isa, "0: neither, 1: AVX2+FMA, 2: AVX-512");
   m.def("has_bf16_dot", &has_bf16_dot, "whether linear_bf16_dot runs here (AVX-512 with AVX512-BF16)");
   m.def("linear_bf16_dot", &linear_bf16_dot, "y = x·Ŵᵀ (bf16) on bf16 dot products, Ŵ one row panel at a time");
+  m.def("has_amx", &has_amx, "whether linear_amx runs here (AMX-TILE and AMX-BF16, granted by the OS)");
+  m.def("linear_amx", &linear_amx, "y = x·Ŵᵀ (bf16) on AMX tiles, Ŵ one 32-row panel at a time");
 }
