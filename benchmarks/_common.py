@@ -56,10 +56,23 @@ def to_nf4(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def cpu_model() -> str:
+    """The CPU's model name (the machines these benchmarks run on change between sessions: AMD EPYC without AMX
+    and Intel Xeon with it rank the kernels differently, so every result says which one it came from)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_meta() -> dict:
     return {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -3,7 +3,8 @@
 Random codes and codebooks (speed does not depend on the values). For each shape, token count, bit width and GPR:
 the median time of the dense bf16 ``F.linear`` (Ŵ held in bf16, torch's oneDNN GEMM) and of the sketch layer's
 inference path as the model and the vLLM plug-in call it (``sketchtune.kernels.ops.linear_forward``: the LUT GEMV
-up to 4 tokens, the batched AVX512-BF16 kernel up to 32, bf16 tiles beyond), timed round-robin in one loop so
+up to 4 tokens (3 with AMX), then the AMX kernel up to 64 where the CPU has AMX, else the batched AVX512-BF16
+kernel up to 32, bf16 tiles beyond), timed round-robin in one loop so
 both share the machine's conditions. Ratio < 1: the sketch is faster. Bytes resident beside each.
 
     python benchmarks/cpu_batched.py --threads 1
@@ -53,7 +54,9 @@ def main() -> None:
                                "sketch": lambda: ops.linear_forward(x, packed, codebook, None, bits, inp)}
                         with torch.no_grad():
                             ms = interleaved_ms(fns, args.repeat)
-                        kernel = ("gemv" if tokens <= cpu_kernels.gemv_tokens(x.dtype) else "bf16_dot"
+                        kernel = ("gemv" if tokens <= cpu_kernels.gemv_tokens(x.dtype) else "amx"
+                                  if tokens <= cpu_kernels.AMX_MAX_TOKENS and inp % 32 == 0 and cpu_kernels.amx()
+                                  else "bf16_dot"
                                   if tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS and cpu_kernels.bf16_dot()
                                   else "tiles")
                         row = {"out": out, "in": inp, "bits": bits, "gpr": gpr, "tokens": tokens, "threads": threads,

@@ -206,8 +206,10 @@ def cpu_gemv(d: dict) -> str:
             + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
 
 
-def cpu_batched(d: dict) -> str:
+def cpu_batched(d: dict, name: str = "cpu_batched.json") -> str:
     rows = d["rows"]
+    # results written before machine_meta recorded the CPU came from the AMD EPYC (Zen 4) machines
+    cpu = d["machine"].get("cpu_model", "AMD EPYC (Zen 4, AVX512-BF16, no AMX)")
     tokens = sorted({r["tokens"] for r in rows})
     body = []
     for threads in sorted({r["threads"] for r in rows}):
@@ -218,9 +220,9 @@ def cpu_batched(d: dict) -> str:
                           == (threads, out, inp, bits, gpr, t)), None)
                 cells.append("—" if r is None else f"{r['time_vs_dense_bf16']:.2f}× {r['kernel']}")
             body.append([str(threads), f"{out}×{inp}", f"INT{bits} GPR{gpr}"] + cells)
-    return ("**CPU, several tokens at once** (`cpu_batched.json`, bf16, medians of round-robin calls) — time of the "
-            "sketch layer's inference path over dense bf16 `F.linear`'s (< 1: the sketch is faster), and the kernel "
-            "that ran.\n\n"
+    return (f"**CPU, several tokens at once** (`{name}`, {cpu}, bf16, medians of round-robin calls) — time of "
+            "the sketch layer's inference path over dense bf16 `F.linear`'s (< 1: the sketch is faster), and the "
+            "kernel that ran.\n\n"
             + _table(["threads", "out×in", "sketch"] + [f"{t} tok" for t in tokens], body))
 
 
@@ -263,8 +265,9 @@ def render(include_partial: bool = True) -> str:
         parts.append(generate_cpu(d))
     if (d := _load("cpu_gemv.json")) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
         parts.append(cpu_gemv(d))
-    if (d := _load("cpu_batched.json")) is not None:
-        parts.append(cpu_batched(d))
+    for name in ("cpu_batched.json", "cpu_batched_amx.json"):
+        if (d := _load(name)) is not None:
+            parts.append(cpu_batched(d, name))
     return "\n\n".join(parts)
 
 

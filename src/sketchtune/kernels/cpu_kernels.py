@@ -43,7 +43,7 @@ def extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        ext = load(name="sketchtune_cpu_v19", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
+        ext = load(name="sketchtune_cpu_v20", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
                    verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)

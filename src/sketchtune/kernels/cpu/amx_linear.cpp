@@ -11,7 +11,8 @@
 // order: no transpose), B tile = xᵀ for 32 input columns × 16 tokens in AMX's pair ("VNNI") layout, built once
 // per call (row i holds (x[t, 2i], x[t, 2i+1]) for the 16 tokens t), C tile = 16 rows × 16 tokens fp32. A
 // panel of 32 rows and a block of 32 tokens use all 8 tile registers: C 0–3, A 4–5, B 6–7. Arithmetic: bf16 Ŵ
-// (the codebook rounded to bf16 once, as the reference x @ Ŵ.to(bf16)ᵀ does) times bf16 x, fp32 accumulation.
+// (the codebook rounded to bf16 as it is decoded, as the reference x @ Ŵ.to(bf16)ᵀ rounds it) times bf16 x,
+// fp32 accumulation, y rounded to bf16.
 //
 // Only where CPUID reports AMX-TILE and AMX-BF16 and Linux grants the tile state (arch_prctl); input widths
 // that are a multiple of 32 (every tile row is 32 columns). Otherwise cpu_kernels picks another kernel.
@@ -70,15 +71,16 @@ std::vector<uint32_t> pack_tokens(const uint16_t* x, int64_t M, int64_t in) {
   return b;
 }
 
-// C tiles (rows 16·i.., tokens 16·j..) → y[t, r0 + r] fp32, valid rows and tokens only.
-void store_block(const float* c, int64_t rows, int64_t tokens, int64_t out, int64_t r0, int64_t t0, float* y) {
+// A C tile (16 rows × 16 tokens, fp32) → y[t0 + t, r0 + r] in bf16 (nearest even), valid rows and tokens only.
+void store_block(const float* c, int64_t rows, int64_t tokens, int64_t out, int64_t r0, int64_t t0,
+                 at::BFloat16* y) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t t = 0; t < tokens; ++t) y[(t0 + t) * out + r0 + r] = c[r * 16 + t];
+    for (int64_t t = 0; t < tokens; ++t) y[(t0 + t) * out + r0 + r] = at::BFloat16(c[r * 16 + t]);
 }
 
 // One thread's panels [p0, p1): decode each panel once, then every token block against it.
 AMX void panels(const uint8_t* codes, int64_t row_bytes, const float* books, int bits, int64_t gpr, int64_t in,
-                int64_t out, const uint32_t* xt, int64_t M, int64_t p0, int64_t p1, float* y) {
+                int64_t out, const uint32_t* xt, int64_t M, int64_t p0, int64_t p1, at::BFloat16* y) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
@@ -149,17 +151,17 @@ torch::Tensor linear_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor co
               in_features % codebook.size(1) == 0, "codebook must be (out, gpr, 2^bits), gpr dividing in");
   auto xb = x.contiguous();
   auto pc = packed.contiguous();
-  auto cb = codebook.to(torch::kBFloat16).to(torch::kFloat).contiguous();  // bf16 tables: exact truncation
+  auto cb = codebook.to(torch::kFloat).contiguous();  // rounded to bf16 tables as they are decoded
   const int64_t M = xb.size(0), out = pc.size(0), gpr = cb.size(1);
-  auto y = torch::empty({M, out}, xb.options().dtype(torch::kFloat));
-  if (M == 0 || out == 0) return y.to(torch::kBFloat16);
+  auto y = torch::empty({M, out}, xb.options());
+  if (M == 0 || out == 0) return y;
   const auto xt = pack_tokens(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), M, in_features);
   const uint8_t* codes = pc.data_ptr<uint8_t>();
   const float* books = cb.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t n_panels = (out + kPanelRows - 1) / kPanelRows;
   at::parallel_for(0, n_panels, 4, [&](int64_t p0, int64_t p1) {
     panels(codes, pc.size(1), books, static_cast<int>(bits), gpr, in_features, out, xt.data(), M, p0, p1, yp);
   });
-  return y.to(torch::kBFloat16);
+  return y;
 }

@@ -99,7 +99,7 @@ torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor packed, torch::Tens
               in_features % codebook.size(1) == 0, "codebook must be (out, gpr, 2^bits), gpr dividing in");
   auto xb = x.contiguous();
   auto pc = packed.contiguous();
-  auto cb = codebook.to(torch::kBFloat16).to(torch::kFloat).contiguous();  // bf16 tables: exact truncation
+  auto cb = codebook.to(torch::kFloat).contiguous();  // rounded to bf16 tables as they are decoded
   const int64_t M = xb.size(0), out = pc.size(0), gpr = cb.size(1);
   auto y = torch::empty({M, out}, xb.options().dtype(torch::kFloat));
   if (M == 0 || out == 0) return y.to(torch::kBFloat16);

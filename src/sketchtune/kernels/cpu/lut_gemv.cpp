@@ -113,10 +113,18 @@ AVX512 inline __m512 weights16(const uint8_t* row, int64_t row_bytes, const floa
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
 }
 
+// fp32 lanes → their bf16 bit patterns in the low 16 bits, rounded to nearest even as torch's .to(bfloat16)
+// does (finite values; checkpoints with NaN codebooks are refused at load), so callers need not round the
+// codebook beforehand — on SmolLM2's small layers that per-call pass cost as much as the AMX multiply.
+AVX512 inline __m512i bf16_bits_rne(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), odd), 16);
+}
+
 // Ŵ rows [r0, r1) into dst (r1 − r0, in): the GEMV's decoding without the FMA — 16 weights per permute where
 // a chunk lies inside one group, a gather where it straddles two. Used by the tiled kernels (tiles.cpp).
-// With `Out` = uint16_t the rows are written as bf16: the codebook must already hold bf16-representable values
-// (tiles.cpp rounds the ≤ 16-entry tables once), so truncating each weight to its top 16 bits is exact.
+// With `Out` = uint16_t the rows are written as bf16, each weight rounded to nearest even.
 template <typename Out>
 AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits,
                                      int64_t gpr, int64_t in, int64_t r0, int64_t r1, Out* dst) {
@@ -139,7 +147,7 @@ AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, c
       if constexpr (sizeof(Out) == 4) {
         _mm512_mask_storeu_ps(d + c, mask, w);
       } else {
-        const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16));
+        const __m256i h = _mm512_cvtepi32_epi16(bf16_bits_rne(w));
         _mm256_mask_storeu_epi16(d + c, mask, h);
       }
     }
@@ -149,7 +157,8 @@ AVX512 void dequant_rows_avx512_impl(const uint8_t* packed, int64_t row_bytes, c
 // Ŵ rows [r0, r1) as bf16 for groups of whole 16-column chunks, decoded in 16-bit lanes: the group's table as
 // 16 bf16 words in one register and a word permute (vpermw) per 16 weights — or per 32 for INT4 where groups are
 // whole 32-column chunks — instead of an fp32 permute and a narrowing per 16 (≈3× fewer instructions; the
-// batched bf16 kernel decodes one panel per call, so this is its decoding cost). `codebook` holds bf16 values.
+// batched bf16 kernel decodes one panel per call, so this is its decoding cost). The tables are rounded to
+// bf16 (nearest even) as they are loaded.
 AVX512 void dequant_rows_bf16_words(const uint8_t* packed, int64_t row_bytes, const float* codebook, int bits,
                                     int64_t gpr, int64_t in, int64_t r0, int64_t r1, uint16_t* dst) {
   const int k = 1 << bits;
@@ -165,7 +174,7 @@ AVX512 void dequant_rows_bf16_words(const uint8_t* packed, int64_t row_bytes, co
     uint16_t* d = dst + (r - r0) * in;
     for (int64_t g = 0; g < gpr; ++g) {
       const __m512 book = _mm512_maskz_loadu_ps(book_mask, codebook + (r * gpr + g) * k);
-      const __m256i table = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(book), 16));
+      const __m256i table = _mm512_cvtepi32_epi16(bf16_bits_rne(book));
       const int64_t end = (g + 1) * group;
       if (pairs) {  // 32 nibbles = 16 bytes → 32 word indices → one vpermw on the table doubled to 32 words
         const __m512i table32 = _mm512_inserti64x4(_mm512_castsi256_si512(table), table, 1);
