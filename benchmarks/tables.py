@@ -186,8 +186,9 @@ def generate_cpu(d: dict) -> str:
                      body))
 
 
-def cpu_gemv(d: dict) -> str:
+def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
     rows = d["rows"]
+    cpu = d["machine"].get("cpu_model", "AMD EPYC (Zen 4, AVX512-BF16, no AMX)")
     configs = [(4, 1), (4, 4), (3, 1), (2, 1)]
     body = []
     for threads in sorted({r["threads"] for r in rows}):
@@ -200,9 +201,9 @@ def cpu_gemv(d: dict) -> str:
                              f"{r['avx512_vs_dense_fp32']:.2f}× / {r['avx512_vs_dense_bf16']:.2f}× / "
                              + (f"{r['avx512_vs_nf4']:.2f}×" if "avx512_vs_nf4" in r else "—"))
             body.append([str(threads), f"{out}×{inp}"] + cells)
-    return ("**CPU decode GEMV** (`cpu_gemv.json`, one token, AVX-512, medians of round-robin calls) — speed-up of "
-            "the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
-            "sketch is faster). AVX2 rows and bytes are in the JSON; `cpu_gemv.png` plots the times.\n\n"
+    return (f"**CPU decode GEMV** (`{name}`, {cpu}, one token, AVX-512, medians of round-robin calls) — speed-up "
+            "of the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
+            f"sketch is faster). AVX2 rows and bytes are in the JSON; `{name[:-5]}.png` plots the times.\n\n"
             + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
 
 
@@ -263,8 +264,9 @@ def render(include_partial: bool = True) -> str:
         parts.append(efficiency(d))
     if (d := _load("generate_cpu.json")) is not None:
         parts.append(generate_cpu(d))
-    if (d := _load("cpu_gemv.json")) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
-        parts.append(cpu_gemv(d))
+    for name in ("cpu_gemv.json", "cpu_gemv_xeon.json"):
+        if (d := _load(name)) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
+            parts.append(cpu_gemv(d, name))
     for name in ("cpu_batched.json", "cpu_batched_amx.json"):
         if (d := _load(name)) is not None:
             parts.append(cpu_batched(d, name))
