@@ -79,6 +79,15 @@ def test_forced_isa_and_refusals(monkeypatch):
     assert not cpu_kernels.handles(x)
 
 
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="one CPU core: nothing to split across")
+def test_kernels_split_rows_across_torchs_threads():
+    """The extension is built with OpenMP, so its at::parallel_for really runs on torch's intra-op threads
+    (without -fopenmp it silently ran everything on one) and follows torch.set_num_threads."""
+    for n in (1, 2):
+        with torch_threads(n):
+            assert ext.parallel_threads(64) == n
+
+
 def test_op_runs_the_native_kernel_on_cpu(monkeypatch):
     """Without Triton's interpreter, ``sketchtune::lut_gemv`` on CPU is the native kernel; opcheck passes."""
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
@@ -151,13 +160,13 @@ def test_native_perplexity_equals_reference(sketched_dir, monkeypatch):
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)  # not Triton's interpreter, if it is installed
     model, tok = sketchtune.load(sketched_dir, dtype=torch.float32)
     calls = []
-    real = cpu_kernels.linear
-    monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernels.linear_any
+    monkeypatch.setattr(cpu_kernels, "linear_any", lambda *a: calls.append(a[0].shape) or real(*a))
     scores = {}
     for backend in ("native", "reference"):
         monkeypatch.setenv("SKETCHTUNE_KERNELS", backend)
         scores[backend] = perplexity(model, tok, "tinystories", seqlen=128, max_windows=4, progress=False).ppl
-    assert calls  # the prefill went through the tiles
+    assert calls and cpu_kernels.kernel_for(calls[0][:-1].numel(), torch.float32, calls[0][-1]) == "tiles"
     assert abs(scores["native"] / scores["reference"] - 1) < 1e-3, scores
     assert all(m.dense_cache.weight is None for m in model.modules() if isinstance(m, sketchtune.SketchedLinear))
 
@@ -166,32 +175,39 @@ def test_native_perplexity_equals_reference(sketched_dir, monkeypatch):
 def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype):
     """Batched decoding (vLLM serving several requests) and short prompts: up to ``gemv_tokens`` tokens the GEMV
     (16 for fp32; for bf16 3 where the AMX kernel runs, else 4 where the batched bf16 kernel exists), then bf16
-    inputs up to 64 tokens the AMX kernel or up to 32 the bf16 dot kernel, everything else the tiles — each with
-    the reference's numbers."""
+    inputs up to 64 tokens the AMX kernel or up to 32 the bf16 dot kernel, everything else the tiles. The C++
+    dispatcher (``linear_cpu``) is checked to run the kernel it names — its output equals that kernel's, bit for
+    bit — and each with the reference's numbers, bias included."""
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
-    calls = []
-    for name in ("lut_gemv", "linear_bf16_dot", "linear_amx", "linear_tiled"):
-        real = getattr(ext, name)
-        monkeypatch.setattr(ext, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     packed, codebook = layer(4, 4, 576, out=40)
+    bias = torch.randn(40)
     w = layout.dequantize(packed, codebook, 4, 576)
     gemv_max = cpu_kernels.gemv_tokens(dtype)
     dot = dtype == torch.bfloat16 and cpu_kernels.bf16_dot()
     amx = dtype == torch.bfloat16 and cpu_kernels.amx()
+    isa = cpu_kernels.isa()
+    direct = {"gemv": lambda x: ext.lut_gemv(x, packed, codebook, 4, 576, isa).to(dtype),
+              "amx": lambda x: ext.linear_amx(x, packed, codebook, 4, 576),
+              "bf16_dot": lambda x: ext.linear_bf16_dot(x, packed, codebook, 4, 576),
+              "tiles": lambda x: ext.linear_tiled(x, packed, codebook, 4, 576, isa).to(dtype)}
     for tokens in (1, 3, 4, 5, 9, 16, 17, 32, 33, 64, 65):
-        calls.clear()
         x = torch.randn(tokens, 576).to(dtype)
         with torch.no_grad():
-            y = ops.linear(x, packed, codebook, None, 4, 576)
-        want = ("lut_gemv" if tokens <= gemv_max else
-                "linear_amx" if amx and tokens <= cpu_kernels.AMX_MAX_TOKENS else
-                "linear_bf16_dot" if dot and tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS else "linear_tiled")
-        assert calls == [want], (tokens, calls)
+            y = ops.linear(x, packed, codebook, bias, 4, 576)
+        want = ("gemv" if tokens <= gemv_max else
+                "amx" if amx and tokens <= cpu_kernels.AMX_MAX_TOKENS else
+                "bf16_dot" if dot and tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS else "tiles")
+        assert cpu_kernels.kernel_for(tokens, dtype, 576) == want, tokens
+        assert torch.equal(y, direct[want](x) + bias.to(dtype)), (tokens, want)
         assert y.dtype == dtype and y.shape == (tokens, 40)
-        ref = x.float() @ (w.to(dtype).float() if dtype == torch.bfloat16 else w).t()
+        ref = x.float() @ (w.to(dtype).float() if dtype == torch.bfloat16 else w).t() + bias
         torch.testing.assert_close(y.float(), ref, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-2 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-4)
+        y3 = cpu_kernels.linear_any(x.reshape(1, tokens, 576), packed, codebook, None, 4, 576)  # (..., in) shapes
+        assert y3.shape == (1, tokens, 40) and torch.equal(y3[0], direct[want](x))
     assert gemv_max == (16 if dtype == torch.float32 or not cpu_kernels.bf16_dot() else 3 if amx else 4)
+    if amx:  # widths that are not a multiple of 32 skip the AMX kernel
+        assert cpu_kernels.kernel_for(16, dtype, 40) == ("bf16_dot" if dot else "tiles")
 
 
 @pytest.mark.skipif(ext is None or not ext.has_bf16_dot(), reason="this CPU has no AVX512-BF16")
@@ -283,7 +299,7 @@ def test_linear_op_trains_through_the_tiles(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
     calls = []
-    for name in ("linear", "linear_backward"):
+    for name in ("linear_any", "linear_backward"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
     packed, codebook = layer(3, 5, 2050, 1030)
@@ -297,7 +313,7 @@ def test_linear_op_trains_through_the_tiles(monkeypatch):
     assert sum(saved) <= x.nbytes + packed.nbytes + cb.nbytes
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    assert {"linear", "linear_backward"} <= set(calls)
+    assert {"linear_any", "linear_backward"} <= set(calls)
     grads = x.grad, cb.grad, bias.grad
     x.grad = cb.grad = bias.grad = None
     monkeypatch.setenv(BACKEND_ENV, "reference")

@@ -34,7 +34,7 @@ AMX_GEMV_TOKENS = 3
 AMX_MAX_TOKENS = 64
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 _SOURCES = [Path(__file__).parent / "cpu" / name
-            for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp", "amx_linear.cpp")]
+            for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp", "amx_linear.cpp", "linear_dispatch.cpp")]
 
 
 @cache
@@ -43,8 +43,12 @@ def extension() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        ext = load(name="sketchtune_cpu_v20", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3"],
-                   verbose=False)
+        # -fopenmp: at::parallel_for is inlined into the extension and splits work only where the extension itself
+        # is compiled with OpenMP (torch's CPU build uses the OpenMP backend); without it every kernel ran on one
+        # thread whatever torch.set_num_threads said. It links the libgomp.so.1 torch has already loaded, so the
+        # extension shares torch's OpenMP runtime and its thread count.
+        ext = load(name="sketchtune_cpu_v22", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         warnings.warn(f"sketchtune: native CPU kernels unavailable ({first.strip()}); using the PyTorch path",
@@ -111,27 +115,32 @@ def gemv_tokens(dtype: torch.dtype) -> int:
     batched bf16 kernel matches the GEMV at 4 tokens and beats it from 8 on (0.80–1.17× the dense bf16
     ``F.linear``'s time at 8 tokens, where the GEMV took 0.78–1.94×); fp32 inputs have no such kernel, and the
     GEMV beats the fp32 tiles up to ~16 tokens. Where the AMX kernel runs, the GEMV keeps 1–3 bf16 tokens (one
-    Xeon thread, INT4 GPR 1: at 2 tokens the GEMV took 0.5–0.9× AMX's time, at 4 tokens 1.0–1.7×)."""
+    Xeon thread, INT4 GPR 1: at 2 tokens the GEMV took 0.5–0.9× AMX's time, at 4 tokens 0.6–1.0× on 576↔1536
+    and 1.3–1.7× on 2048²–4096²). ``cpu/linear_dispatch.cpp`` makes the same choice (:func:`kernel_for`)."""
     if dtype != torch.bfloat16:
         return MAX_TOKENS
     return AMX_GEMV_TOKENS if amx() else BF16_GEMV_TOKENS if bf16_dot() else MAX_TOKENS
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """y = x·Ŵᵀ (tokens, out) in x's dtype: bf16 inputs of up to :data:`AMX_MAX_TOKENS` (64) tokens on the AMX
-    kernel where the CPU has AMX and ``in_features`` is a multiple of 32 (one Xeon thread, INT4 GPR 1, 576↔1536
-    to 4096²: 0.65–1.22× dense bf16's time at 4–32 tokens, where the bf16 dot kernel took 1.0–5×; at 256 tokens
+def kernel_for(tokens: int, dtype: torch.dtype, in_features: int) -> str:
+    """Which kernel :func:`linear_any` runs for this many tokens: ``gemv``, ``amx``, ``bf16_dot`` or ``tiles``."""
+    return extension().linear_kernel(tokens, dtype == torch.bfloat16, in_features, isa())
+
+
+def linear_any(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, bits: int,
+               in_features: int) -> torch.Tensor:
+    """y = x·Ŵᵀ (+ bias), x (..., in) fp32 or bf16 → (..., out) in x's dtype: the whole CPU inference path in one
+    C++ call (``cpu/linear_dispatch.cpp``), the kernel chosen by token count as :func:`kernel_for` says (making
+    that choice in Python cost ~20 µs per layer, half of a small layer's one-token GEMV): up to
+    :func:`gemv_tokens` the GEMV; bf16 inputs of up to :data:`AMX_MAX_TOKENS` (64) tokens on the AMX kernel
+    where the CPU has AMX and ``in_features`` is a multiple of 32 (one Xeon thread, INT4 GPR 1, 576↔1536 to
+    4096²: 0.65–1.22× dense bf16's time at 4–32 tokens, where the bf16 dot kernel took 1.0–5×; at 256 tokens
     the tiles took 0.57–0.71× the AMX kernel's time, which streams all of x past every 32-row panel), else up to
-    :data:`BF16_DOT_MAX_TOKENS` (32) tokens on the
-    batched bf16 kernel where the CPU has it, else Ŵ one ~4 MiB row tile at a time into torch's GEMM (which
-    from ~64 tokens on beats the bf16 kernel: in ``benchmarks/results/cpu_batched.json`` the bf16 kernel took
-    1.13–1.43× dense bf16's time at 64 tokens where the tiles took 1.07–1.15× at 128; torch's GEMM is better
-    blocked for many tokens)."""
-    if x.dtype == torch.bfloat16 and x.shape[0] <= AMX_MAX_TOKENS and in_features % 32 == 0 and amx():
-        return extension().linear_amx(x, packed, codebook, bits, in_features)
-    if x.dtype == torch.bfloat16 and x.shape[0] <= BF16_DOT_MAX_TOKENS and bf16_dot():
-        return extension().linear_bf16_dot(x, packed, codebook, bits, in_features)
-    return extension().linear_tiled(x, packed, codebook, bits, in_features, isa()).to(x.dtype)
+    :data:`BF16_DOT_MAX_TOKENS` (32) on the batched bf16 kernel where the CPU has AVX512-BF16; everything else Ŵ
+    one ~4 MiB row tile at a time into torch's GEMM (which from ~64 tokens on beat the bf16 kernel: in
+    ``benchmarks/results/cpu_batched.json`` it took 1.13–1.43× dense bf16's time at 64 tokens where the tiles
+    took 1.07–1.15× at 128; torch's GEMM is better blocked for many tokens)."""
+    return extension().linear_cpu(x, packed, codebook, bias, bits, in_features, isa())
 
 
 def linear_backward(grad_out: torch.Tensor, x: torch.Tensor | None, packed: torch.Tensor,

@@ -48,11 +48,12 @@ CPU_GEMV_MAX_TOKENS = cpu_kernels.MAX_TOKENS
 """On CPU with the native kernels, fp32 inputs of up to this many tokens go through the LUT GEMV (which walks
 them in blocks of 4: at 8 tokens on one thread, bits 2/3/4 × GPR 1/4 × fp32/bf16 on 576↔1536 and 2048², two
 blocks of 4 ran 1.2–2.6× faster than one of 8 in 30 of 36 cases, as 8 tokens' accumulators spill), and bf16
-inputs of up to 4 (:func:`.cpu_kernels.gemv_tokens`: beyond that the batched bf16 kernel is faster where the CPU
-has AVX512-BF16); more go through :func:`.cpu_kernels.linear` — the batched bf16 kernel, or Ŵ tile by tile into
-torch's GEMM."""
+inputs of up to 4, or 3 with AMX (:func:`.cpu_kernels.gemv_tokens`: beyond that the AMX or the batched bf16
+kernel is faster where the CPU has it); more go through those kernels or Ŵ tile by tile into torch's GEMM. The
+choice is made in C++ (:func:`.cpu_kernels.linear_any`, one call per layer)."""
 
 CODEBOOK_GRAD_ENV = "SKETCHTUNE_CODEBOOK_GRAD"
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @cache
@@ -216,13 +217,10 @@ def linear_forward(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor
     and nothing is being compiled. Each custom-op dispatch costs ~20–50 µs in eager mode — next to a 50 µs
     decode GEMV of a 576×1536 layer, that doubled the layer's time — so this skips both (``linear`` and the
     ``lut_gemv`` it used to call)."""
+    if x.dtype in _CPU_DTYPES and cpu_kernels.native(x) and not triton_runs_on(x):
+        return cpu_kernels.linear_any(x, packed, codebook, bias, bits, in_features)
     x2d = x.reshape(-1, in_features)
-    if not triton_runs_on(x2d) and cpu_kernels.native(x2d):
-        if x2d.shape[0] <= cpu_kernels.gemv_tokens(x2d.dtype) and cpu_kernels.handles(x2d):
-            y = cpu_kernels.lut_gemv(x2d, packed, codebook, bits, in_features)
-        else:
-            y = cpu_kernels.linear(x2d, packed, codebook, bits, in_features)
-    elif x2d.shape[0] <= GEMV_MAX_TOKENS:
+    if x2d.shape[0] <= GEMV_MAX_TOKENS:
         y = _lut_gemv(x2d, packed, codebook, bits, in_features)
     else:
         y = x2d @ dequantize(packed, codebook, bits, in_features, x.dtype).t()
