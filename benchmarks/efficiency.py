@@ -46,7 +46,7 @@ from typing import Callable
 import psutil
 import torch
 import torch.nn.functional as F
-from _common import to_nf4
+from _common import cpu_model, to_nf4
 from torch import nn
 
 from sketchtune.kernels import BACKEND_ENV
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     report: dict = {"meta": {
-        "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
         "model": {k: getattr(args, k) for k in ("layers", "hidden", "mlp", "heads", "vocab")} | {"dtype": "float32"},
         "lora_rank": args.lora_rank, "rounds": args.rounds, "decode_prompt": args.decode_prompt,

@@ -227,7 +227,7 @@ def cpu_batched(d: dict, name: str = "cpu_batched.json") -> str:
             + _table(["threads", "out×in", "sketch"] + [f"{t} tok" for t in tokens], body))
 
 
-def efficiency(d: dict) -> str:
+def efficiency(d: dict, name: str = "efficiency_cpu.json") -> str:
     meta, model = d["meta"], d["model"]
     shape = meta["model"]
     keys = [("decode_b1_ms_per_step", "decode b1 ms"), ("decode_b8_ms_per_step", "decode b8 ms"),
@@ -242,8 +242,9 @@ def efficiency(d: dict) -> str:
             body.append([f"{name} + dense-Ŵ cache", f"{(r['weight_bytes'] + r['decode_cache_bytes_opt_in']) / 2**20:.1f}"]
                         + [f"{r[k + '_cache']:.1f} ({r[k + '_cache'] / lora[k]:.2f}×)" if k + "_cache" in r else "—"
                            for k, _ in keys])
-    return (f"**Efficiency (CPU)** — {shape['layers']} Llama layers, hidden {shape['hidden']}, MLP {shape['mlp']}, "
-            f"{meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "
+    cpu = meta.get("cpu_model", "AMD EPYC (Zen 4, AVX512-BF16, no AMX)")
+    return (f"**Efficiency (CPU)** (`{name}`, {cpu}) — {shape['layers']} Llama layers, hidden {shape['hidden']}, "
+            f"MLP {shape['mlp']}, {meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "
             "kernels (the CPU default); `+ dense-Ŵ cache` rows decode through the opt-in cache "
             "(`SKETCHTUNE_KERNELS=cache`), whose dense Ŵ counts in their weights.\n\n"
             + _table(["method", "weights MiB"] + [label for _, label in keys], body))
@@ -260,8 +261,9 @@ def render(include_partial: bool = True) -> str:
         d = _load(f"finetune_evidence_{task}.json")
         if d is not None and d.get("units") and (include_partial or evidence_complete(d)):
             parts.append(finetune_evidence(d, task))
-    if (d := _load("efficiency_cpu.json")) is not None:
-        parts.append(efficiency(d))
+    for name in ("efficiency_cpu.json", "efficiency_cpu_xeon.json"):
+        if (d := _load(name)) is not None:
+            parts.append(efficiency(d, name))
     if (d := _load("generate_cpu.json")) is not None:
         parts.append(generate_cpu(d))
     for name in ("cpu_gemv.json", "cpu_gemv_xeon.json"):
