@@ -47,7 +47,7 @@ def extension() -> ModuleType | None:
         # is compiled with OpenMP (torch's CPU build uses the OpenMP backend); without it every kernel ran on one
         # thread whatever torch.set_num_threads said. It links the libgomp.so.1 torch has already loaded, so the
         # extension shares torch's OpenMP runtime and its thread count.
-        ext = load(name="sketchtune_cpu_v23", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+        ext = load(name="sketchtune_cpu_v24", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)

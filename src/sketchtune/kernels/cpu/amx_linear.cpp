@@ -35,7 +35,7 @@ int64_t cpu_isa();
 
 namespace {
 
-#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 
 constexpr int kPanelRows = 32;   // two A tiles
 constexpr int kBlockTokens = 32; // two B tiles
@@ -71,11 +71,20 @@ std::vector<uint32_t> pack_tokens(const uint16_t* x, int64_t M, int64_t in) {
   return b;
 }
 
-// A C tile (16 rows × 16 tokens, fp32) → y[t0 + t, r0 + r] in bf16 (nearest even), valid rows and tokens only.
-void store_block(const float* c, int64_t rows, int64_t tokens, int64_t out, int64_t r0, int64_t t0,
-                 at::BFloat16* y) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t t = 0; t < tokens; ++t) y[(t0 + t) * out + r0 + r] = at::BFloat16(c[r * 16 + t]);
+// A C tile (16 rows × 16 tokens, fp32) → y[t0 + t, r0 + r] in bf16 (nearest even), valid rows and tokens only:
+// per token, one gather of its 16 rows' sums (a column of the tile, in L1), rounded and stored as 16
+// contiguous bf16 — the scalar loop this replaced converted and stored one value at a time.
+AMX void store_block(const float* c, int64_t rows, int64_t tokens, int64_t out, int64_t r0, int64_t t0,
+                     at::BFloat16* y) {
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  const __mmask16 valid = rows >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const __m512i x = _mm512_castps_si512(_mm512_i32gather_ps(column, c + t, 4));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    _mm256_mask_storeu_epi16(y + (t0 + t) * out + r0, valid, _mm512_cvtepi32_epi16(rounded));
+  }
 }
 
 // One thread's panels [p0, p1): decode each panel once, then every token block against it.
