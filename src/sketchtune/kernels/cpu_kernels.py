@@ -133,9 +133,10 @@ def linear_any(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bi
     C++ call (``cpu/linear_dispatch.cpp``), the kernel chosen by token count as :func:`kernel_for` says (making
     that choice in Python cost ~20 µs per layer, half of a small layer's one-token GEMV): up to
     :func:`gemv_tokens` the GEMV; bf16 inputs of up to :data:`AMX_MAX_TOKENS` (64) tokens on the AMX kernel
-    where the CPU has AMX and ``in_features`` is a multiple of 32 (one Xeon thread, INT4 GPR 1, 576↔1536 to
-    4096²: 0.65–1.22× dense bf16's time at 4–32 tokens, where the bf16 dot kernel took 1.0–5×; at 256 tokens
-    the tiles took 0.57–0.71× the AMX kernel's time, which streams all of x past every 32-row panel), else up to
+    where the CPU has AMX and ``in_features`` is a multiple of 32 (one Xeon thread, bits 2/4 × GPR 1/4, 576↔1536
+    to 4096², ``benchmarks/results/cpu_batched_amx.json``: 0.63–1.17× dense bf16's time at 4–32 tokens, where
+    the bf16 dot kernel took 1.0–5×; at 256 tokens the tiles took 0.57–0.71× the AMX kernel's time, which
+    streams all of x past every 32-row panel), else up to
     :data:`BF16_DOT_MAX_TOKENS` (32) on the batched bf16 kernel where the CPU has AVX512-BF16; everything else Ŵ
     one ~4 MiB row tile at a time into torch's GEMM (which from ~64 tokens on beat the bf16 kernel: in
     ``benchmarks/results/cpu_batched.json`` it took 1.13–1.43× dense bf16's time at 64 tokens where the tiles
