@@ -54,11 +54,7 @@ def main() -> None:
                                "sketch": lambda: ops.linear_forward(x, packed, codebook, None, bits, inp)}
                         with torch.no_grad():
                             ms = interleaved_ms(fns, args.repeat)
-                        kernel = ("gemv" if tokens <= cpu_kernels.gemv_tokens(x.dtype) else "amx"
-                                  if tokens <= cpu_kernels.AMX_MAX_TOKENS and inp % 32 == 0 and cpu_kernels.amx()
-                                  else "bf16_dot"
-                                  if tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS and cpu_kernels.bf16_dot()
-                                  else "tiles")
+                        kernel = cpu_kernels.kernel_for(tokens, x.dtype, inp)
                         row = {"out": out, "in": inp, "bits": bits, "gpr": gpr, "tokens": tokens, "threads": threads,
                                "kernel": kernel, "dense_bf16_ms": ms["dense_bf16"], "sketch_ms": ms["sketch"],
                                "time_vs_dense_bf16": ms["sketch"] / ms["dense_bf16"],

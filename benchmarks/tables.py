@@ -186,9 +186,13 @@ def generate_cpu(d: dict) -> str:
                      body))
 
 
+# results written before machine_meta recorded the CPU came from the AMD EPYC (Zen 4) machines
+_EARLIER_CPU = "AMD EPYC (Zen 4, AVX512-BF16, no AMX)"
+
+
 def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
     rows = d["rows"]
-    cpu = d["machine"].get("cpu_model", "AMD EPYC (Zen 4, AVX512-BF16, no AMX)")
+    cpu = d["machine"].get("cpu_model", _EARLIER_CPU)
     configs = [(4, 1), (4, 4), (3, 1), (2, 1)]
     body = []
     for threads in sorted({r["threads"] for r in rows}):
@@ -209,8 +213,7 @@ def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
 
 def cpu_batched(d: dict, name: str = "cpu_batched.json") -> str:
     rows = d["rows"]
-    # results written before machine_meta recorded the CPU came from the AMD EPYC (Zen 4) machines
-    cpu = d["machine"].get("cpu_model", "AMD EPYC (Zen 4, AVX512-BF16, no AMX)")
+    cpu = d["machine"].get("cpu_model", _EARLIER_CPU)
     tokens = sorted({r["tokens"] for r in rows})
     body = []
     for threads in sorted({r["threads"] for r in rows}):
@@ -242,7 +245,7 @@ def efficiency(d: dict, name: str = "efficiency_cpu.json") -> str:
             body.append([f"{name} + dense-Ŵ cache", f"{(r['weight_bytes'] + r['decode_cache_bytes_opt_in']) / 2**20:.1f}"]
                         + [f"{r[k + '_cache']:.1f} ({r[k + '_cache'] / lora[k]:.2f}×)" if k + "_cache" in r else "—"
                            for k, _ in keys])
-    cpu = meta.get("cpu_model", "AMD EPYC (Zen 4, AVX512-BF16, no AMX)")
+    cpu = meta.get("cpu_model", _EARLIER_CPU)
     return (f"**Efficiency (CPU)** (`{name}`, {cpu}) — {shape['layers']} Llama layers, hidden {shape['hidden']}, "
             f"MLP {shape['mlp']}, {meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "
             "kernels (the CPU default); `+ dense-Ŵ cache` rows decode through the opt-in cache "

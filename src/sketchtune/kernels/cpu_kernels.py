@@ -28,9 +28,7 @@ import torch
 ISA_ENV = "SKETCHTUNE_CPU_ISA"
 ENABLE_ENV = "SKETCHTUNE_CPU_KERNELS"
 MAX_TOKENS = 16
-BF16_GEMV_TOKENS = 4
 BF16_DOT_MAX_TOKENS = 32
-AMX_GEMV_TOKENS = 3
 AMX_MAX_TOKENS = 64
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 _SOURCES = [Path(__file__).parent / "cpu" / name
@@ -47,7 +45,7 @@ def extension() -> ModuleType | None:
         # is compiled with OpenMP (torch's CPU build uses the OpenMP backend); without it every kernel ran on one
         # thread whatever torch.set_num_threads said. It links the libgomp.so.1 torch has already loaded, so the
         # extension shares torch's OpenMP runtime and its thread count.
-        ext = load(name="sketchtune_cpu_v24", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+        ext = load(name="sketchtune_cpu_v25", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
@@ -116,10 +114,10 @@ def gemv_tokens(dtype: torch.dtype) -> int:
     ``F.linear``'s time at 8 tokens, where the GEMV took 0.78–1.94×); fp32 inputs have no such kernel, and the
     GEMV beats the fp32 tiles up to ~16 tokens. Where the AMX kernel runs, the GEMV keeps 1–3 bf16 tokens (one
     Xeon thread, INT4 GPR 1: at 2 tokens the GEMV took 0.5–0.9× AMX's time, at 4 tokens 0.6–1.0× on 576↔1536
-    and 1.3–1.7× on 2048²–4096²). ``cpu/linear_dispatch.cpp`` makes the same choice (:func:`kernel_for`)."""
-    if dtype != torch.bfloat16:
-        return MAX_TOKENS
-    return AMX_GEMV_TOKENS if amx() else BF16_GEMV_TOKENS if bf16_dot() else MAX_TOKENS
+    and 1.3–1.7× on 2048²–4096²). The limits live in ``cpu/linear_dispatch.cpp``, whose kernel choice
+    (:func:`kernel_for`) uses the same function."""
+    ext = extension()
+    return MAX_TOKENS if ext is None else ext.gemv_max_tokens(dtype == torch.bfloat16, isa())
 
 
 def kernel_for(tokens: int, dtype: torch.dtype, in_features: int) -> str:

@@ -37,12 +37,23 @@ constexpr int64_t kDotMaxTokens = 32;    // at 64 tokens the tiles beat the dot 
 
 enum class Kernel { kGemv, kAmx, kDot, kTiles };
 
+bool amx_runs(int64_t isa) { return isa == 0 && has_amx(); }
+bool dot_runs(int64_t isa) { return (isa == 0 || isa == 2) && has_bf16_dot(); }
+
+}  // namespace
+
+// Up to how many tokens the GEMV is the fastest kernel (cpu_kernels.gemv_tokens asks this).
+int64_t gemv_max_tokens(bool bf16, int64_t isa) {
+  if (!bf16) return kGemvMaxTokens;
+  return amx_runs(isa) ? kAmxGemvTokens : dot_runs(isa) ? kBf16GemvTokens : kGemvMaxTokens;
+}
+
+namespace {
+
 Kernel pick(int64_t tokens, bool bf16, int64_t in, int64_t isa) {
-  if (!bf16) return tokens <= kGemvMaxTokens ? Kernel::kGemv : Kernel::kTiles;
-  const bool amx = isa == 0 && has_amx();
-  const bool dot = (isa == 0 || isa == 2) && has_bf16_dot();
-  const int64_t gemv_max = amx ? kAmxGemvTokens : dot ? kBf16GemvTokens : kGemvMaxTokens;
-  if (tokens <= gemv_max) return Kernel::kGemv;
+  if (tokens <= gemv_max_tokens(bf16, isa)) return Kernel::kGemv;
+  if (!bf16) return Kernel::kTiles;
+  const bool amx = amx_runs(isa), dot = dot_runs(isa);
   if (amx && tokens <= kAmxMaxTokens && in % 32 == 0) return Kernel::kAmx;
   if (dot && tokens <= kDotMaxTokens) return Kernel::kDot;
   return Kernel::kTiles;

@@ -749,6 +749,7 @@ torch::Tensor linear_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor co
                          int64_t in_features);
 // linear_dispatch.cpp
 std::string linear_kernel(int64_t tokens, bool bf16, int64_t in_features, int64_t isa);
+int64_t gemv_max_tokens(bool bf16, int64_t isa);
 torch::Tensor linear_cpu(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook,
                          c10::optional<torch::Tensor> bias, int64_t bits, int64_t in_features, int64_t isa);
 int64_t parallel_threads(int64_t tasks);
@@ -762,6 +763,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &cpu_isa, "0: neither, 1: AVX2+FMA, 2: AVX-512");
   m.def("has_bf16_dot", &has_bf16_dot, "whether linear_bf16_dot runs here (AVX-512 with AVX512-BF16)");
   m.def("linear_bf16_dot", &linear_bf16_dot, "y = x·Ŵᵀ (bf16) on bf16 dot products, Ŵ one row panel at a time");
+  m.def("gemv_max_tokens", &gemv_max_tokens, "up to how many tokens linear_cpu runs the GEMV");
   m.def("linear_kernel", &linear_kernel, "which kernel linear_cpu runs: gemv, amx, bf16_dot or tiles");
   m.def("linear_cpu", &linear_cpu, "y = x·Ŵᵀ (+ bias) in x's dtype, the kernel picked by token count");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for used for n one-element tasks");
