@@ -7,6 +7,8 @@ run, saved as an fp16 checkpoint, reloaded, and evaluated from the reloaded chec
 towards the FP model on C4 documents sketching and evaluation never see, scored on WikiText-2 and on held-out C4
 documents before, along (``--heal-curve`` steps) and after healing (see ``_healing.py``).
 ``--sweep-s`` adds the k-means importance-exponent sweep (s ∈ {0..4}, both importance definitions);
+``--embeddings`` adds rows that sketch the tied token embedding / LM head too (``--sketch-embeddings``), each
+also scored with the dense table put back over the very same decoder sketch, so the table's own cost shows;
 ``--paper-importance`` reruns every sketch row with the paper's importance as written; ``--resume`` keeps
 the rows already in ``--out``.
 
@@ -58,6 +60,9 @@ SWEEP_CONFIGS = [
     for imp in ("paper", "cholesky") for s in (0.0, 1.0, 2.0, 3.0, 4.0)
     if not (imp == "cholesky" and s == 0.0) and not (imp == DEFAULT_IMPORTANCE and s == DEFAULT_S)
 ]
+# The token embedding and LM head sketched too: the default and the two GPR4 rows with healing targets.
+EMBEDDING_CONFIGS = [dict(_sk(4, 1, False), embeddings=True), dict(_sk(4, 4, False), embeddings=True),
+                     dict(_sk(3, 4, False), embeddings=True)]
 # Every sketch configuration again with the paper's importance as written, (1/[H⁻¹]ᵢᵢ)^3.
 PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN_CONFIGS if cfg["method"] == "sketch"]
 # Healing: the three configurations with targets in issue #13 first, then the other three.
@@ -74,12 +79,14 @@ def label(cfg: dict) -> str:
         parts.append("refit" if cfg.get("refit") else "k-means")
         if "s" in cfg:
             parts.append(f"s={cfg['s']:g}/{cfg['importance']}")
+    if cfg.get("embeddings"):
+        parts.append("+ embeddings")
     return " ".join(parts)
 
 
 def run_config(base, tok, cfg, args, workdir: Path) -> dict:
     model = copy.deepcopy(base)
-    kwargs = {k: v for k, v in cfg.items() if k in ("method", "bits", "gpr", "refit", "s", "importance")}
+    kwargs = {k: v for k, v in cfg.items() if k in ("method", "bits", "gpr", "refit", "s", "importance", "embeddings")}
     with PeakRSS() as mem:
         report = sketchtune.sketch_model(
             model, tok, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -91,6 +98,17 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
     info = describe(out)
     reloaded, _ = sketchtune.load(out, dtype=torch.float32, device=args.device)
     ppl = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
+    extra = {}
+    if cfg.get("embeddings"):  # the same decoder sketch with the dense (tied) table put back: the table's own cost
+        spec = reloaded.config.quantization_config.embeddings
+        table, head = copy.deepcopy((base.get_submodule(spec["input"]), base.get_submodule(spec["output"])))
+        extra = {"embeddings_rel_error": report.module_errors[spec["output"]],
+                 "dense_table_wikitext2_ppl": None}
+        for name, module in ((spec["input"], table), (spec["output"], head)):
+            parent, _, child = name.rpartition(".")
+            setattr(reloaded.get_submodule(parent) if parent else reloaded, child, module.to(args.device))
+        extra["dense_table_wikitext2_ppl"] = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen,
+                                                        args.eval_windows, progress=False).ppl
     return {
         "label": label(cfg), **cfg,
         **({"s": DEFAULT_S, "importance": DEFAULT_IMPORTANCE, **cfg} if cfg["method"] == "sketch" else {}),
@@ -100,7 +118,7 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
         "checkpoint_weight_bytes": info["weights_bytes_on_disk"], "sketched_bytes": info["sketched_bytes"],
         "sketched_fp16_bytes": info["sketched_fp16_bytes"],
         "sketched_over_fp16": info["sketched_bytes"] / info["sketched_fp16_bytes"],
-        "trainable_params": info["trainable_params"],
+        "trainable_params": info["trainable_params"], **extra,
     }
 
 
@@ -120,6 +138,8 @@ def main() -> None:
     p.add_argument("--only-sweep", action="store_true", help="run only the s sweep")
     p.add_argument("--paper-importance", action="store_true",
                    help="also rerun every sketch configuration with the paper's (1/[H^-1]_ii)^3 importance")
+    p.add_argument("--embeddings", action="store_true", help="also run rows with sketched embeddings")
+    p.add_argument("--only-embeddings", action="store_true", help="run only the sketched-embeddings rows")
     p.add_argument("--heal", action="store_true", help="also run the healed rows (HEAL_CONFIGS)")
     p.add_argument("--only-heal", action="store_true", help="run only the healed rows")
     p.add_argument("--heal-steps", type=int, default=200)
@@ -153,7 +173,9 @@ def main() -> None:
         fp = perplexity(base.to(args.device), tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
         base.to("cpu")
         rows.insert(0, {"label": "FP32 (dequantized GGUF)", "method": "fp", "wikitext2_ppl": fp.ppl})
-    configs = (([] if args.only_sweep or args.only_heal else MAIN_CONFIGS)
+    only = args.only_sweep or args.only_heal or args.only_embeddings
+    configs = (([] if only else MAIN_CONFIGS)
+               + (EMBEDDING_CONFIGS if args.embeddings or args.only_embeddings else [])
                + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
                + (PAPER_IMPORTANCE_CONFIGS if args.paper_importance else []))
     configs = configs[: args.limit] if args.limit else configs

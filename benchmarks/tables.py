@@ -34,7 +34,7 @@ def sketch_quality(d: dict) -> str:
     rows = d["rows"]
     fp = next(r for r in rows if r["method"] == "fp")
     main = [r for r in rows if r["method"] != "fp" and not (r["method"] == "sketch" and "/" in r["label"])
-            and not r.get("healed")]
+            and not r.get("healed") and not r.get("embeddings")]
     body = [[fp["label"], f"{fp['wikitext2_ppl']:.2f}", "", "", "", ""]]
     for r in sorted(main, key=lambda r: (-r["bits"], r["method"] != "sketch", r["gpr"], r["method"], r["refit"])):
         body.append([r["label"], f"{r['wikitext2_ppl']:.2f}", f"{r['sketched_over_fp16']:.3f}",
@@ -55,6 +55,17 @@ def sketch_quality(d: dict) -> str:
         out += ["\n**Importance exponent** — INT4 GPR1, k-means codebooks (no refit), WikiText-2 ppl; "
                 "`paper` = (1/[H⁻¹]ᵢᵢ)^s, `cholesky` = diag(U)^-s (s = 0 is the same unweighted k-means).\n",
                 _table(["importance"] + [f"s={s:g}" for s in s_values], body)]
+    tables = [r for r in rows if r.get("embeddings")]
+    if tables:
+        body = [[r["label"].replace(" + embeddings", ""), f"{r['dense_table_wikitext2_ppl']:.2f}",
+                 f"{r['wikitext2_ppl']:.2f}", f"{r['wikitext2_ppl'] / r['dense_table_wikitext2_ppl']:.3f}×",
+                 f"{r['embeddings_rel_error']:.2e}", f"{r['checkpoint_weight_bytes'] / 2**20:.1f}"]
+                for r in sorted(tables, key=lambda r: (-r["bits"], r["gpr"]))]
+        out += ["\n**Sketched embeddings** (`--sketch-embeddings`: the tied 49152 × 576 table / LM head sketched "
+                "too, same bits and GPR). Each row's decoder sketch is scored twice: with the dense table put back, "
+                "and with its sketched table; error = the head's relative output error on the calibration states.\n",
+                _table(["configuration", "ppl, dense table", "ppl, sketched table", "ratio", "head error",
+                        "checkpoint MiB"], body)]
     healed = [r for r in rows if r.get("healed")]
     if healed:
         out += ["\n" + healing(healed, fp["wikitext2_ppl"])]

@@ -115,6 +115,32 @@ def test_sketch_save_reload_every_family(name, tok, tmp_path):
     assert max(report.module_errors.values()) < 0.03, f"{name}: {max(report.module_errors.values()):.3g}"
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_family_embeddings_sketched_tied_or_not(name, tok, tmp_path):
+    """Lookups (with Gemma-3's row scale), tied and untied heads, and reloading, on every family."""
+    model = build(name)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    plain, full = copy.deepcopy(model), copy.deepcopy(model)
+    settings = dict(calib="c4", nsamples=4, seqlen=64, bits=4, gpr=1, progress=False)
+    sketchtune.sketch_model(plain, tok, **settings)
+    report = sketchtune.sketch_model(full, tok, **settings, embeddings=True)
+    spec = full.config.quantization_config.embeddings
+    assert spec["tied"] == tied
+    table, head = full.get_submodule(spec["input"]), full.get_submodule(spec["output"])
+    assert (head.codebook is table.codebook) == tied and spec["output"] in report.module_errors
+    with torch.no_grad():  # the decoder-only sketch carrying the dequantized tables must give the same logits
+        plain.get_input_embeddings().weight.copy_(table.dequantize())
+        if not tied:
+            plain.get_output_embeddings().weight.copy_(head.dequantize())
+        ids = torch.arange(5, 45)[None]
+        ours = full(ids).logits
+        torch.testing.assert_close(ours, plain(ids).logits, rtol=1e-4, atol=1e-4)
+    sketchtune.save(full, tok, tmp_path / name, dtype="float32")
+    reloaded, _ = sketchtune.load(tmp_path / name, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, ours)
+
+
 MOE = {
     "mixtral": ("MixtralConfig", {**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", {**COMMON, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,

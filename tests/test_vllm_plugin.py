@@ -4,7 +4,8 @@ vLLM pins its own transformers, so it usually lives in another environment: the 
 ``tests/vllm_runner.py`` under ``$SKETCHTUNE_VLLM_PYTHON`` (a Python with ``pip install -e ".[serve]"``), or
 in this interpreter when vLLM imports here, and is skipped, saying so, when neither has vLLM. The model is a
 random-weight Llama built here with head_dim 64 (vLLM's CPU attention refuses the bundled model's 16), so
-log-probabilities are compared, not just greedy tokens.
+log-probabilities are compared, not just greedy tokens — in three variants: dense embeddings, and sketched
+embeddings with a tied and with an untied head.
 """
 
 from __future__ import annotations
@@ -38,27 +39,41 @@ pytestmark = pytest.mark.skipif(vllm_python() is None, reason="vLLM is not insta
                                 "is not set (vLLM pins transformers: install `.[serve]` in its own environment)")
 
 
-@pytest.fixture(scope="module")
-def sketched(tmp_path_factory):
+#: (tie_word_embeddings, sketch_model(embeddings=...)): a dense untied head, a sketched tied table (one table
+#: for lookups and logits) and a sketched untied pair.
+VARIANTS = {"dense-embeddings": (False, False), "sketched-tied": (True, True), "sketched-untied": (False, True)}
+
+
+def sketch_variant(name: str, out: Path) -> Path:
+    tied, embeddings = VARIANTS[name]
     tok = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                         tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, bits=4, gpr=4, progress=False)
-    out = tmp_path_factory.mktemp("vllm") / "sketched"
+    sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, bits=4, gpr=4, progress=False,
+                            embeddings=embeddings)
     sketchtune.save(model, tok, out, dtype="float32")
     return out
 
 
-def test_vllm_matches_sketchtune_token_for_token_and_in_log_probabilities(sketched, tmp_path):
-    result = tmp_path / "vllm.json"
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Every variant sketched and served by one vLLM process (its start-up is most of the cost)."""
+    root = tmp_path_factory.mktemp("vllm")
+    dirs = {name: sketch_variant(name, root / name) for name in VARIANTS}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TRITON_INTERPRET": "0"}
-    run = subprocess.run([vllm_python(), str(RUNNER), str(sketched), str(result), *PROMPTS], env=env,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run([vllm_python(), str(RUNNER), str(root / "vllm.json"), *dirs.values(), "--", *PROMPTS],
+                         env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    served = json.loads(result.read_text())
+    results = json.loads((root / "vllm.json").read_text())
+    return {name: (path, results[str(path)]) for name, path in dirs.items()}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_vllm_matches_sketchtune_token_for_token_and_in_log_probabilities(served, variant):
+    sketched, served = served[variant]
     assert served["quantization"] == "sketchtune"
     model, tok = sketchtune.load(sketched, dtype=torch.float32)
     model.eval()

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import SketchError
-from .hf_integration import register
+from .hf_integration import check_embeddings_spec, register
 from .layout import check_format_version, check_layout
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -185,7 +185,11 @@ def validate(path: str | os.PathLike) -> dict:
     cfg = read_config(path)
     qc = cfg["quantization_config"]
     tensors = checkpoint_tensors(path)
-    for name in qc.get("modules", []):
+    spec = qc.get("embeddings")
+    if spec is not None:
+        check_embeddings_spec(spec)
+    tables = [spec["input"]] + ([] if spec["tied"] else [spec["output"]]) if spec else []
+    for name in [*qc.get("modules", []), *tables]:
         for suffix, want in (("weight", "U8"), ("codebook", None)):
             key = f"{name}.{suffix}"
             if key not in tensors:

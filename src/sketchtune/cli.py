@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "skips perplexity and sample)")
     sk.add_argument("--heal-steps", type=int, default=0,
                     help="then heal the sketch for N steps towards MODEL on --calib (see `sketchtune heal`)")
+    sk.add_argument("--sketch-embeddings", action="store_true",
+                    help="sketch the token embedding and the LM head too (one table when tied): a smaller model "
+                         "in memory, at some perplexity (README: Sketching the embeddings)")
     sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")
     sk.add_argument("--gpr", type=int, default=1, help="groups per row; must divide every row length")
     sk.add_argument("--calib", default="c4", help="calibration text: .txt/.jsonl/.json or the bundled 'c4'")
@@ -214,6 +217,7 @@ def cmd_sketch(args) -> None:
         refit=args.refit, percdamp=args.percdamp, dtype=args.dtype, device=args.device, seed=args.seed,
         eval_data=tuple(args.eval_data.split(",")), eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
         prompt=args.prompt, resume=args.resume, stream=args.stream, heal_steps=args.heal_steps,
+        embeddings=args.sketch_embeddings,
     )
     info, report = job.info, job.report
     print(f"\nSketched {job.source} -> {job.out}  ({report.method}, INT{report.bits}, GPR {report.gpr}, "
@@ -225,6 +229,8 @@ def cmd_sketch(args) -> None:
     print(f"\nsketched layers: {_mb(info['sketched_fp16_bytes'])} fp16 -> {_mb(info['sketched_bytes'])} "
           f"({info['compression_vs_fp16']:.2f}x smaller); checkpoint {_mb(info['dir_bytes_on_disk'])}")
     print(f"trainable parameters (codebooks): {info['trainable_params']:,}")
+    if info["embeddings"]:
+        print(f"embeddings: {_embeddings_line(info)}")
     print(f"mean relative layer-output error: {report.mean_error:.3e}")
     if job.healing is not None:
         h = job.healing
@@ -267,11 +273,18 @@ def cmd_info(args) -> None:
         ("codes + codebooks", _mb(info["sketched_bytes"])),
         ("compression vs fp16", f"{info['compression_vs_fp16']:.2f}x"),
         ("trainable parameters", f"{info['trainable_params']:,}"),
+        ("embeddings", _embeddings_line(info) if info["embeddings"] else "dense"),
         ("size on disk", _mb(info["dir_bytes_on_disk"])),
     ]
     for k, v in rows:
         print(f"{k:<36}{v}")
     _print_left_dense(info["left_dense"])
+
+
+def _embeddings_line(info: dict) -> str:
+    spec = info["embeddings"]
+    what = f"{spec['input']} (tied {spec['output']})" if spec["tied"] else f"{spec['input']} and {spec['output']}"
+    return f"{what} sketched, {_mb(info['embedding_table_bytes'])}"
 
 
 def _print_left_dense(left: dict[str, str]) -> None:

@@ -20,6 +20,7 @@ from .architecture import projection_shape, set_submodule
 from .errors import SketchError
 from .experts import empty_like as empty_experts_like
 from .layout import FORMAT_VERSION, check_format_version, check_layout
+from .sketched_embedding import SketchedEmbedding
 from .sketched_linear import SketchedLinear
 from .version import __version__
 
@@ -34,7 +35,9 @@ class SketchTuneConfig(QuantizationConfigMixin):
     is the :mod:`sketchtune.layout` version the codes are packed in. ``s``, ``importance``, ``refit``,
     ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility;
     ``left_dense`` names every weight matrix inside the decoder layers that stayed dense, and why;
-    ``healing`` records a codebook distillation run after sketching (teacher, steps, tokens, KL before/after).
+    ``healing`` records a codebook distillation run after sketching (teacher, steps, tokens, KL before/after);
+    ``embeddings`` (``{"input": name, "output": name, "tied": bool}``, or ``None``) says the token embedding and
+    the LM head are sketched too, with the same bits / gpr — one table for both when the model ties them.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         left_dense: dict[str, str] | None = None,
         expert_modules: list[str] | None = None,
         healing: dict[str, Any] | None = None,
+        embeddings: dict[str, Any] | None = None,
         format_version: int | None = FORMAT_VERSION,
         version: str = __version__,
         **kwargs: Any,
@@ -68,11 +72,80 @@ class SketchTuneConfig(QuantizationConfigMixin):
         self.left_dense = dict(left_dense or {})
         self.expert_modules = list(expert_modules or [])
         self.healing = healing
+        self.embeddings = check_embeddings_spec(embeddings)
         self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.version = version
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def check_embeddings_spec(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A config's ``embeddings`` entry, checked: module names for the input table and the head, and ``tied``."""
+    if spec is None:
+        return None
+    ok = (isinstance(spec, dict) and isinstance(spec.get("input"), str) and isinstance(spec.get("output"), str)
+          and isinstance(spec.get("tied"), bool))
+    if not ok:
+        raise SketchError(f"corrupt checkpoint: quantization_config.embeddings must be {{'input': name, 'output': "
+                          f"name, 'tied': bool}}, got {spec!r}")
+    return {"input": spec["input"], "output": spec["output"], "tied": spec["tied"]}
+
+
+def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    """The dotted name of ``module`` inside ``model``."""
+    found = next((n for n, m in model.named_modules() if m is module), None)
+    if found is None:
+        raise SketchError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+    return found
+
+
+def embeddings_spec(model: torch.nn.Module) -> dict[str, Any]:
+    """Where a model's token embedding and LM head are, and whether it ties them (the same weight tensor)."""
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(table, torch.nn.Embedding) or head is None or not hasattr(head, "weight"):
+        raise SketchError(f"{type(model).__name__}: sketching the embeddings needs an nn.Embedding input table and "
+                          "a linear LM head")
+    tied = head.weight is table.weight or (
+        head.weight.shape == table.weight.shape and head.weight.data_ptr() == table.weight.data_ptr())
+    return {"input": module_name(model, table), "output": module_name(model, head), "tied": bool(tied)}
+
+
+def empty_embeddings(model: torch.nn.Module, spec: dict[str, Any], bits: int, gpr: int):
+    """Empty ``(SketchedEmbedding, SketchedLinear head)`` shaped like the model's dense ones."""
+    try:
+        dense, head = model.get_submodule(spec["input"]), model.get_submodule(spec["output"])
+    except AttributeError:
+        raise SketchError(f"corrupt checkpoint: sketched embeddings {spec} do not exist in this model") from None
+    table = SketchedEmbedding(dense.num_embeddings, dense.embedding_dim, bits, gpr, dense.padding_idx,
+                              dtype=dense.weight.dtype, device=dense.weight.device)
+    table.keep_scale_of(dense)
+    in_features, out_features = projection_shape(head)
+    sketched_head = SketchedLinear(in_features, out_features, bits, gpr, bias=getattr(head, "bias", None) is not None,
+                                   dtype=head.weight.dtype, device=head.weight.device)
+    return table, sketched_head
+
+
+def install_embeddings(model: torch.nn.Module, spec: dict[str, Any], table, head) -> None:
+    """Put the sketched table and head in place; a tied model's head then holds the table's own parameters."""
+    install_sketched(model, {spec["input"]: table, spec["output"]: head})
+    if spec["tied"]:
+        tie_sketched_head(model, spec)
+
+
+def tie_sketched_head(model: torch.nn.Module, spec: dict[str, Any]) -> None:
+    """Tie the sketched head to the sketched table the way transformers ties ``lm_head.weight``.
+
+    The head's packed codes *and* codebooks become the table's parameters, and both pairs are declared tied
+    (``_tied_weights_keys``, ``all_tied_weights_keys``), so ``save_pretrained`` writes the table once and
+    ``from_pretrained`` ties them again on load.
+    """
+    table, head = model.get_submodule(spec["input"]), model.get_submodule(spec["output"])
+    head.weight, head.codebook = table.weight, table.codebook
+    keys = {f"{spec['output']}.{p}": f"{spec['input']}.{p}" for p in ("weight", "codebook")}
+    model._tied_weights_keys = {**(getattr(model, "_tied_weights_keys", None) or {}), **keys}
+    if getattr(model, "all_tied_weights_keys", None) is not None:
+        model.all_tied_weights_keys.update(keys)
 
 
 def install_sketched(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
@@ -119,6 +192,9 @@ def replace_with_sketched(model: torch.nn.Module, config: SketchTuneConfig) -> N
             dtype=linear.weight.dtype, device=linear.weight.device,
         )
     install_sketched(model, layers)
+    if config.embeddings is not None:
+        install_embeddings(model, config.embeddings, *empty_embeddings(model, config.embeddings, config.bits,
+                                                                        config.gpr))
 
 
 class SketchTuneHfQuantizer(HfQuantizer):
@@ -132,6 +208,9 @@ class SketchTuneHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         _keep_our_keys(model)
+        spec = self.quantization_config.embeddings
+        if spec is not None and spec["tied"]:
+            tie_sketched_head(model, spec)  # transformers tied them from all_tied_weights_keys; make sure
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:

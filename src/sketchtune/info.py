@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def describe(path: str | os.PathLike) -> dict:
         dense_params += rows * cols
         trainable += rows * gpr * k
         layers.add(name.rsplit(".", 2)[0])
+    spec = qc.get("embeddings")
+    tables = ([spec["input"]] + ([] if spec["tied"] else [spec["output"]])) if spec else []
+    table_bytes = 0
+    for name in tables:  # sketched embedding table (and an untied head): codes + codebooks
+        for suffix in ("weight", "codebook"):
+            dt, shape = tensors[f"{name}.{suffix}"]
+            table_bytes += math.prod(shape) * BYTES.get(dt, 4)
     disk = sum(f.stat().st_size for f in weight_files(path))
     return {
         "path": str(path),
@@ -52,6 +60,8 @@ def describe(path: str | os.PathLike) -> dict:
         "calibration": qc.get("calibration"),
         "source_model": qc.get("source_model"),
         "left_dense": qc.get("left_dense") or {},
+        "embeddings": spec,
+        "embedding_table_bytes": table_bytes,
         "sketched_modules": len(qc["modules"]),
         "decoder_layers": len(layers),
         "sketched_weight_params": dense_params,

@@ -80,7 +80,7 @@ def sketch_job(
     dtype: str = "float16", device: str | None = None, seed: int = 0, resume: bool = False,
     eval_data: tuple[str, ...] = ("wikitext2", "tinystories"), eval_seqlen: int = 256, eval_windows: int = 40,
     prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True, stream: bool = False,
-    heal_steps: int = 0,
+    heal_steps: int = 0, embeddings: bool = False,
 ) -> SketchJob:
     """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost.
 
@@ -90,12 +90,14 @@ def sketch_job(
     layer by layer (:mod:`sketchtune.sketch.streaming`); perplexity and the sample are then skipped, as they would
     need the whole model (run ``sketchtune ppl OUT`` on a machine that holds it). ``heal_steps`` > 0 heals
     the saved sketch towards ``model`` on the calibration text (:func:`heal_job`, its defaults otherwise)
-    before it is measured.
+    before it is measured. ``embeddings=True`` sketches the token embedding and LM head too.
     """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
     if stream and heal_steps:
         raise SketchError("--heal-steps needs the whole model (teacher and student); it cannot follow --stream: "
                           "run `sketchtune heal OUT --overwrite` where the model fits")
+    if stream and embeddings:
+        raise SketchError("--sketch-embeddings cannot be combined with --stream yet (sketch without --stream)")
     spec = model or str(BUNDLED_MODEL)
     name = Path(spec).stem if model else "tinystories-656k"
     out_dir = Path(out or f"sketched-{name}-int{bits}-gpr{gpr}")
@@ -107,7 +109,7 @@ def sketch_job(
     settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
                     s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
                     percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress, progress_dir=partial,
-                    resume=resume)
+                    resume=resume, embeddings=embeddings)
     if stream:
         from transformers import AutoTokenizer
 

@@ -102,6 +102,7 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     args: list[list[tuple]]
     kwargs: list[list[dict[str, Any]]]
+    returns_tuple: bool = False  # whether a decoder layer returns (hidden, ...) rather than the tensor
 
     def call(self, layer: nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run decoder layer ``index`` on every batch of ``hidden`` with the model's own arguments for it."""
@@ -182,7 +183,7 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[torch.Tensor], devi
     if any(len(a) != len(hidden) for a in args):
         raise SketchError("the model's forward did not call every decoder layer once per batch; "
                           "unsupported architecture for layer-by-layer calibration")
-    return LayerInputs(hidden=hidden, args=args, kwargs=kwargs)
+    return LayerInputs(hidden=hidden, args=args, kwargs=kwargs, returns_tuple=bool(returns_tuple and returns_tuple[0]))
 
 
 class HessianCollector:

@@ -29,11 +29,17 @@ from ..architecture import (
 from ..errors import SketchError
 from ..experts import SketchedExperts, expert_shapes
 from ..experts import empty_like as empty_experts_like
-from ..hf_integration import SketchTuneConfig, attach_config, install_sketched
+from ..hf_integration import (
+    SketchTuneConfig,
+    attach_config,
+    embeddings_spec,
+    install_sketched,
+)
 from ..layout import check_layout
 from ..sketched_linear import SketchedLinear
 from .algorithm import (
     Importance,
+    SketchResult,
     relative_output_error,
     round_to_nearest,
     sketch_weight,
@@ -47,6 +53,7 @@ from .calibration import (
     capture_layer_inputs,
     return_freed_memory,
 )
+from .embeddings import head_hessian, sketch_embeddings
 from .progress import SketchProgress
 from .streaming import StreamedModel
 
@@ -98,6 +105,7 @@ def sketch_model(
     resume: bool = False,
     min_expert_tokens: int = 32,
     stream: StreamedModel | None = None,
+    embeddings: bool = False,
 ) -> SketchReport:
     """Replace every linear inside the decoder layers of ``model`` by a :class:`SketchedLinear`, in place.
 
@@ -111,7 +119,9 @@ def sketch_model(
     and dropped once written to ``progress_dir`` (:mod:`.streaming`), so memory does not grow with depth.
 
     ``method="sketch"`` is SketchTune; ``"gptq"`` the same loop with a uniform grid; ``"rtn"`` plain rounding
-    to a uniform grid (needs no calibration). Embeddings and the LM head are never touched.
+    to a uniform grid (needs no calibration). ``embeddings=True`` sketches the token embedding and the LM head
+    too, with the same bits / gpr, after the layers (:mod:`.embeddings`: one table for both in a tied model);
+    by default they stay dense.
     """
     if method not in ("sketch", "gptq", "rtn"):
         raise SketchError(f"method must be 'sketch', 'gptq' or 'rtn', got {method!r}")
@@ -132,12 +142,22 @@ def sketch_model(
                 check_layout(bits, gpr, inter)
             except SketchError as e:
                 raise SketchError(f"{prefix}.{i}.{ename}: {e}") from None
+    spec = None
+    if embeddings:
+        if stream is not None:
+            raise SketchError("--sketch-embeddings cannot be combined with streaming yet (sketch without --stream)")
+        spec = embeddings_spec(model)
+        try:
+            check_layout(bits, gpr, model.get_submodule(spec["input"]).embedding_dim)
+        except SketchError as e:
+            raise SketchError(f"{spec['input']}: {e}") from None
     tracker = None
     if progress_dir is not None:
         settings = {"bits": bits, "gpr": gpr, "method": method, "calib": str(calib), "nsamples": nsamples,
                     "seqlen": seqlen, "seed": seed, "s": s, "importance": importance, "refit": refit,
                     "percdamp": percdamp, "blocksize": blocksize, "batch_size": batch_size, "layers": len(layers),
-                    "source_model": getattr(model, "name_or_path", None) or None}
+                    "source_model": getattr(model, "name_or_path", None) or None,
+                    **({"embeddings": True} if embeddings else {})}
         tracker = (SketchProgress.resume if resume else SketchProgress)(progress_dir, settings)
     elif resume or stream is not None:
         raise SketchError("resume and stream need a progress_dir to keep the finished layers in")
@@ -150,6 +170,21 @@ def sketch_model(
     t0 = time.perf_counter()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+
+    def fit(full: str, W: torch.Tensor, H: torch.Tensor | None, errors: dict[str, float]) -> SketchResult:
+        """Sketch one matrix (GPTQ-style with H, else round to nearest); its relative output error goes to errors."""
+        if H is None:
+            return round_to_nearest(W, bits, gpr)
+        try:
+            result = sketch_weight(
+                W, H, bits, gpr, s=s, importance=importance, percdamp=percdamp, blocksize=blocksize,
+                refit=refit and method == "sketch",
+                **({"codebook_fn": uniform_codebook} if method == "gptq" else {}),
+            )
+        except SketchError as e:
+            raise SketchError(f"{full}: {e}") from None
+        errors[full] = relative_output_error(W, result, H)
+        return result
 
     inputs: LayerInputs | None = None
     if method != "rtn":
@@ -207,18 +242,7 @@ def sketch_model(
                     report.expert_fallbacks.update({f"{prefix}.{i}.{ename}.{e}": n for e, n in few.items()})
 
         def sketch_one(full: str, W: torch.Tensor, H: torch.Tensor | None, bias) -> SketchedLinear:
-            if H is None:
-                result = round_to_nearest(W, bits, gpr)
-            else:
-                try:
-                    result = sketch_weight(
-                        W, H, bits, gpr, s=s, importance=importance, percdamp=percdamp, blocksize=blocksize,
-                        refit=refit and method == "sketch",
-                        **({"codebook_fn": uniform_codebook} if method == "gptq" else {}),
-                    )
-                except SketchError as e:
-                    raise SketchError(f"{full}: {e}") from None
-                layer_errors[full] = relative_output_error(W, result, H)
+            result = fit(full, W, H, layer_errors)
             names.append(full)
             return SketchedLinear.from_codes(result.codebook, result.codes, bits, bias, dtype=W.dtype)
 
@@ -258,6 +282,11 @@ def sketch_model(
         if report.module_errors:
             bar.set_postfix(err=f"{report.mean_error:.2e}")
 
+    if spec is not None:
+        H = None if inputs is None else head_hessian(model, tokens.split(batch_size), inputs, hidden, dev)
+        errors: dict[str, float] = {}
+        sketch_embeddings(model, spec, lambda full, W, H_: fit(full, W, H_, errors), H, bits)
+        report.module_errors.update(errors)
     report.left_dense = left_dense
     report.seconds = time.perf_counter() - t0
     if dev.type == "cuda":
@@ -268,7 +297,7 @@ def sketch_model(
         importance=importance if method == "sketch" else None,
         refit=refit if method == "sketch" else None,
         source_model=getattr(model, "name_or_path", None) or None, left_dense=left_dense,
-        expert_modules=expert_names,
+        expert_modules=expert_names, embeddings=spec,
         calibration=None if method == "rtn" else {
             "source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "method": method,
         },

@@ -26,7 +26,13 @@ CONFIG_NAME = "sketch_adapter.json"
 
 
 def sketched_modules(model: torch.nn.Module) -> dict[str, SketchedLinear]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, SketchedLinear)}
+    """The decoder layers' sketched linears: what fine-tuning trains and an adapter holds.
+
+    A sketched LM head (``--sketch-embeddings``) is not among them: it stays frozen, as a dense head does, and
+    a tied one is the embedding table itself."""
+    spec = getattr(getattr(getattr(model, "config", None), "quantization_config", None), "embeddings", None)
+    head = spec["output"] if isinstance(spec, dict) else None
+    found = {n: m for n, m in model.named_modules() if isinstance(m, SketchedLinear) and n != head}
     if not found:
         raise SketchError("model has no SketchedLinear layers; sketch it first (sketchtune sketch)")
     return found

@@ -1,0 +1,120 @@
+"""Sketched token embeddings and LM head (``sketch_model(embeddings=True)``, ``--sketch-embeddings``).
+
+On the real TinyStories-656K (tied head, vocabulary table 40% of its weights): one table serves the lookups and
+the logits, the checkpoint holds it once, perplexity stays near the decoder-only sketch's, fine-tuning leaves it
+frozen, and damaged checkpoints fail with one line. Every architecture family in ``test_architectures`` is
+checked for the plumbing: lookups, Gemma-3's row scale, tied and untied heads and reloading.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import sketchtune
+from sketchtune.errors import SketchError
+from sketchtune.eval.perplexity import perplexity
+from sketchtune.sketched_embedding import SketchedEmbedding
+from sketchtune.sketched_linear import SketchedLinear
+from sketchtune.train.adapter import sketched_modules
+from sketchtune.train.trainer import prepare_for_training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SKETCH = dict(calib="c4", nsamples=16, seqlen=128, bits=4, gpr=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny):
+    """The bundled model sketched twice with the same settings: decoder only, and with its embeddings."""
+    model, tok = tiny
+    plain, full = copy.deepcopy(model), copy.deepcopy(model)
+    sketchtune.sketch_model(plain, tok, **SKETCH)
+    report = sketchtune.sketch_model(full, tok, **SKETCH, embeddings=True)
+    return plain.eval(), full.eval(), report
+
+
+def test_one_table_serves_lookups_and_logits(pair, tiny):
+    plain, full, report = pair
+    table, head = full.model.embed_tokens, full.lm_head
+    assert isinstance(table, SketchedEmbedding) and isinstance(head, SketchedLinear)
+    assert head.weight is table.weight and head.codebook is table.codebook  # tied, as the dense model was
+    assert full.config.quantization_config.embeddings == {"input": "model.embed_tokens", "output": "lm_head",
+                                                          "tied": True}
+    assert 0 < report.module_errors["lm_head"] < 0.02  # relative output error on the calibration states
+    ids = torch.tensor([[1, 5, 77, 2047, 0, 5]])
+    dense_table = table.dequantize()
+    assert torch.equal(table(ids), torch.nn.functional.embedding(ids, dense_table))
+    # The decoder layers are the same sketch either way (embeddings come after them), so the decoder-only model
+    # carrying the dequantized table as its dense embedding must give the very same logits.
+    ref = copy.deepcopy(plain)
+    with torch.no_grad():
+        ref.model.embed_tokens.weight.copy_(dense_table)
+        torch.testing.assert_close(full(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    dense_rows = tiny[0].model.embed_tokens.weight
+    rel = (dense_table - dense_rows).norm() / dense_rows.norm()
+    assert 0 < rel < 0.15, rel
+
+
+def test_smaller_checkpoint_perplexity_near_the_decoder_only_sketch(pair, tiny, tmp_path):
+    plain, full, _ = pair
+    _, tok = tiny
+    sizes = {}
+    for name, m in (("plain", plain), ("full", full)):
+        sketchtune.save(copy.deepcopy(m), tok, tmp_path / name, dtype="float32")
+        sizes[name] = (tmp_path / name / "model.safetensors").stat().st_size
+    with safe_open(str(tmp_path / "full" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.codebook" in keys and not any(k.startswith("lm_head") for k in keys)
+    # 2048 × 128 fp32 table (1 MB) → 4-bit codes + 16 codebook entries a row (0.26 MB): measured 1.42 → 0.63 MB.
+    assert sizes["full"] < 0.5 * sizes["plain"], sizes
+    ppl = {n: perplexity(m, tok, "tinystories", 256, 20, progress=False).ppl for n, m in (("plain", plain),
+                                                                                          ("full", full))}
+    assert ppl["full"] < 1.10 * ppl["plain"], ppl  # measured 40.6 → 42.2 (+4%)
+    reloaded, _ = sketchtune.load(tmp_path / "full", dtype=torch.float32)
+    assert reloaded.lm_head.codebook is reloaded.model.embed_tokens.codebook
+    ids = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, full(ids).logits)
+
+
+def test_fine_tuning_and_adapters_leave_the_table_frozen(pair):
+    _, full, _ = pair
+    model = copy.deepcopy(full)
+    mods = sketched_modules(model)
+    assert "lm_head" not in mods and all(".layers." in n for n in mods)
+    trainable = prepare_for_training(model)
+    assert trainable == sum(m.codebook.numel() for m in mods.values())
+    assert not model.model.embed_tokens.codebook.requires_grad
+    ids = torch.arange(3, 40)[None]
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.embed_tokens.codebook.grad is None
+    assert all(m.codebook.grad is not None and m.codebook.grad.abs().sum() > 0 for m in mods.values())
+
+
+def test_damaged_embeddings_checkpoint_is_one_line(pair, tiny, tmp_path):
+    _, full, _ = pair
+    out = tmp_path / "ck"
+    sketchtune.save(copy.deepcopy(full), tiny[1], out, dtype="float32")
+    cfg_file = out / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["quantization_config"]["embeddings"]["input"] = "model.no_such_table"
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(SketchError, match="corrupt checkpoint: tensor model.no_such_table.weight is missing"):
+        sketchtune.load(out)
+    cfg["quantization_config"]["embeddings"] = {"input": "model.embed_tokens", "tied": "yes"}
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(SketchError, match="quantization_config.embeddings must be"):
+        sketchtune.load(out)
+
+
+def test_stream_with_embeddings_refused_before_work(capsys, tmp_path):
+    from sketchtune.cli import main
+
+    assert main(["sketch", "--stream", "--sketch-embeddings", "--out", str(tmp_path / "x")]) != 0
+    assert "--sketch-embeddings cannot be combined with --stream" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
