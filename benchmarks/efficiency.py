@@ -56,6 +56,10 @@ from sketchtune.sketched_linear import SketchedLinear, dequantize
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["dense", "lora", "qlora", "sketchtune-int4-gpr1", "sketchtune-int4-gpr4"]
 REF_PATH_VARIANT, REF_PATH = "sketchtune-int4-gpr1", "sketchtune-int4-gpr1 via the reference autograd"
+#: The floor of a codebook-training step: the dense model computing ∂L/∂W (dYᵀX) for every decoder-layer
+#: projection, as any method training something per weight must, with no optimizer step. A sketch step does
+#: that GEMM (then bins it into codebooks) where LoRA does not, so LoRA × (floor / LoRA) is the least it can cost.
+GRAD_FLOOR = "dense, decoder ∂L/∂W only (floor)"
 LAYER_SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]  # (in, out)
 MiB = 2**20
 
@@ -356,12 +360,29 @@ def bench_model(args) -> dict:
             return ref_step()
 
     steps[REF_PATH] = ref_path_step
+    floor_model = build("dense", args)
+    floor_model.requires_grad_(False)
+    for layer in floor_model.model.layers:
+        for lin in layer.modules():
+            if isinstance(lin, nn.Linear):
+                lin.weight.requires_grad_(True)
+    floor_ids = torch.randint(0, args.vocab, (1, args.train_seq), generator=torch.Generator().manual_seed(0))
+
+    def floor_step() -> float:
+        floor_model.train()
+        t0 = time.perf_counter()
+        floor_model.zero_grad(set_to_none=True)
+        floor_model(input_ids=floor_ids, labels=floor_ids).loss.backward()
+        return time.perf_counter() - t0
+
+    steps[GRAD_FLOOR] = floor_step
     for s in steps.values():
         s()  # warm-up: optimizer state allocation, first-call overheads
     r = interleave(steps, args.rounds)
     for v in VARIANTS:
         results[v]["train_step_s"] = r[v]
     results[REF_PATH_VARIANT]["train_step_s_reference"] = r[REF_PATH]
+    results["dense"]["train_step_s_grad_floor"] = r[GRAD_FLOOR]
     del models, steps
     print("  peak training memory (one child process per variant) ...", flush=True)
     for v in VARIANTS:
@@ -458,6 +479,9 @@ def print_table(results: dict, rat: dict, prompts: list[int]) -> None:
     r = results[REF_PATH_VARIANT]
     print(f"{REF_PATH_VARIANT} training through the reference autograd (saves Ŵ; not the CPU default): "
           f"{r['train_step_s_reference']:.2f} s/step, peak {r['train_peak_above_imports_mb_reference']:.0f} MiB")
+    lora, floor = results["lora"]["train_step_s"], results["dense"]["train_step_s_grad_floor"]
+    print(f"{GRAD_FLOOR}: {floor:.2f} s/step = {floor / lora:.2f}x LoRA's step (sketch GPR 1: "
+          f"{results[REF_PATH_VARIANT]['train_step_s'] / lora:.2f}x)")
     for base in ("dense", "lora"):
         print(f"\nratio vs {base}")
         for v in results:

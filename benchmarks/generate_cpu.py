@@ -5,7 +5,9 @@ short warm-up, each variant in a fresh child process so that its memory is its o
 from the OS) after loading, the peak RSS during the timed generation, and the bytes of the weights held.
 Variants run round-robin for ``--rounds`` rounds; the medians are reported with ratios against dense fp32
 and bf16. Sketched models run on the default CPU path (the C++ kernels, no dense-Ŵ cache); ``sketch+cache``
-is the same checkpoint with the opt-in dense-Ŵ cache. ``llama.cpp`` runs the GGUF file itself (Q4_1) through
+is the same checkpoint with the opt-in dense-Ŵ cache; ``sketch-emb`` is ``--sketched-embeddings``, the sketch
+with its token embedding / LM head sketched too (``--sketch-embeddings``; pass the pair made from one decoder
+sketch, as ``benchmarks/serve.py``'s cache holds). ``llama.cpp`` runs the GGUF file itself (Q4_1) through
 ``llama-cpp-python`` at the same thread count: the reference for what a CPU runtime reaches.
 
     python benchmarks/generate_cpu.py --data-dir ../shared/data --threads 1
@@ -69,7 +71,8 @@ def child(args) -> dict:
     if variant.startswith("sketch"):
         if variant == "sketch+cache":
             os.environ["SKETCHTUNE_KERNELS"] = "cache"
-        model, tok = sketchtune.load(args.sketched, dtype=torch.float32)
+        path = args.sketched_embeddings if variant == "sketch-emb" else args.sketched
+        model, tok = sketchtune.load(path, dtype=torch.float32)
     else:
         model, tok = load_model(args.model, dtype=torch.bfloat16 if variant == "dense-bf16" else torch.float32)
         if variant == "nf4":
@@ -103,7 +106,9 @@ def main() -> None:
     p.add_argument("--model", default=None, help=f"dense model (default: DATA_DIR/{GGUF})")
     p.add_argument("--sketched", default="benchmarks/cache/smollm2-int4-gpr1",
                    help="sketched checkpoint of --model (sketched INT4 GPR1 on 32 x 512 C4 if missing)")
-    p.add_argument("--variants", default="dense-fp32,dense-bf16,nf4,sketch,sketch+cache,llama.cpp",
+    p.add_argument("--sketched-embeddings", default="benchmarks/cache/smollm2-int4-gpr1-emb",
+                   help="the same sketch with --sketch-embeddings (made like --sketched if missing)")
+    p.add_argument("--variants", default="dense-fp32,dense-bf16,nf4,sketch,sketch-emb,sketch+cache,llama.cpp",
                    help="llama.cpp needs llama-cpp-python (skipped with a note without it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -115,11 +120,13 @@ def main() -> None:
     if args._child:
         print(json.dumps(child(args)))
         return
-    if not (Path(args.sketched) / "config.json").is_file():
+    variants = args.variants.split(",")
+    for path, extra in ((args.sketched, []), (args.sketched_embeddings, ["--sketch-embeddings"])):
+        if (extra and "sketch-emb" not in variants) or (Path(path) / "config.json").is_file():
+            continue
         subprocess.run([sys.executable, "-m", "sketchtune", "sketch", args.model, "--bits", "4", "--gpr", "1",
                         "--calib", str(Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"), "--nsamples", "32",
-                        "--seqlen", "512", "--out", args.sketched, "--eval-windows", "1"], check=True)
-    variants = args.variants.split(",")
+                        "--seqlen", "512", "--out", path, "--eval-windows", "1", *extra], check=True)
     if "llama.cpp" in variants and importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed: no llama.cpp row (pip install llama-cpp-python)")
         variants.remove("llama.cpp")
@@ -127,6 +134,7 @@ def main() -> None:
     for r in range(args.rounds):
         for v in variants:
             cmd = [sys.executable, __file__, "--_child", v, "--model", args.model, "--sketched", args.sketched,
+                   "--sketched-embeddings", args.sketched_embeddings,
                    "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if res.returncode:
@@ -148,6 +156,7 @@ def main() -> None:
                 r[f"weights_vs_{base}"] = r["weight_bytes"] / by[base]["weight_bytes"]
     write_json(args.out, {"benchmark": "generate_cpu", "machine": {**machine_meta(), "threads": args.threads},
                           "model": os.path.basename(args.model), "sketched": args.sketched,
+                          "sketched_embeddings": args.sketched_embeddings,
                           "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt": PROMPT, "rows": rows})
     print(f"\n{'variant':<14}{'tok/s':>8}{'vs fp32':>9}{'vs bf16':>9}{'weights MiB':>13}{'RSS loaded':>12}"
           f"{'peak gen':>10}")

@@ -185,14 +185,16 @@ def healing(rows: list[dict], fp_ppl: float) -> str:
                       "healing time", "curve"], body))
 
 
-def generate_cpu(d: dict) -> str:
+def generate_cpu(d: dict, name: str = "generate_cpu.json") -> str:
     body = [[r["variant"], f"{r['tokens_per_s']:.1f}", f"{r.get('speed_vs_dense-fp32', float('nan')):.2f}×",
              f"{r.get('speed_vs_dense-bf16', float('nan')):.2f}×", f"{r['weight_bytes'] / 2**20:.1f}",
              f"{r['rss_loaded_mb']:.0f}", f"{r['peak_rss_generating_mb']:.0f}"] for r in d["rows"]]
-    return (f"**Generation on CPU** (`generate_cpu.json`) — {d['model']}, {d['new_tokens']} greedy tokens, "
+    return (f"**Generation on CPU** (`{name}`) — {d['model']}, {d['new_tokens']} greedy tokens, "
             f"{d['machine']['threads']} thread, fresh process per variant, median of {d['rounds']} rounds; RSS in MiB "
             "above the interpreter; `sketch` is INT4 GPR 1 on the C++ kernels, `sketch+cache` the same with the "
-            "opt-in dense-Ŵ cache, `llama.cpp` the GGUF file (Q4_1) through llama-cpp-python.\n\n"
+            "opt-in dense-Ŵ cache, `sketch-emb` the same decoder sketch with its embedding table / LM head sketched "
+            "too (`--sketch-embeddings`), `llama.cpp` the GGUF file (Q4_1) through llama-cpp-python. "
+            f"CPU: {d['machine'].get('cpu_model', _EARLIER_CPU)}.\n\n"
             + _table(["variant", "tokens/s", "vs fp32", "vs bf16", "weights MiB", "RSS loaded", "peak RSS generating"],
                      body))
 
@@ -256,6 +258,11 @@ def efficiency(d: dict, name: str = "efficiency_cpu.json") -> str:
             body.append([f"{name} + dense-Ŵ cache", f"{(r['weight_bytes'] + r['decode_cache_bytes_opt_in']) / 2**20:.1f}"]
                         + [f"{r[k + '_cache']:.1f} ({r[k + '_cache'] / lora[k]:.2f}×)" if k + "_cache" in r else "—"
                            for k, _ in keys])
+    floor = model["dense"].get("train_step_s_grad_floor")
+    if floor is not None:  # dense forward + backward computing ∂L/∂W of the decoder projections, no optimizer
+        lora = model["lora"]["train_step_s"]
+        body.append(["floor: dense, decoder ∂L/∂W only", "—", "—", "—", "—", "—", f"{floor:.1f} ({floor / lora:.2f}×)",
+                     "—"])
     cpu = meta.get("cpu_model", _EARLIER_CPU)
     return (f"**Efficiency (CPU)** (`{name}`, {cpu}) — {shape['layers']} Llama layers, hidden {shape['hidden']}, "
             f"MLP {shape['mlp']}, {meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "
@@ -278,8 +285,9 @@ def render(include_partial: bool = True) -> str:
     for name in ("efficiency_cpu.json", "efficiency_cpu_xeon.json"):
         if (d := _load(name)) is not None:
             parts.append(efficiency(d, name))
-    if (d := _load("generate_cpu.json")) is not None:
-        parts.append(generate_cpu(d))
+    for name in ("generate_cpu.json", "generate_cpu_xeon.json"):
+        if (d := _load(name)) is not None:
+            parts.append(generate_cpu(d, name))
     for name in ("cpu_gemv.json", "cpu_gemv_xeon.json"):
         if (d := _load(name)) is not None and "rows" in d and "dense_bf16_ms" in d["rows"][0]:
             parts.append(cpu_gemv(d, name))

@@ -43,7 +43,7 @@ def test_one_table_serves_lookups_and_logits(pair, tiny):
     assert isinstance(table, SketchedEmbedding) and isinstance(head, SketchedLinear)
     assert head.weight is table.weight and head.codebook is table.codebook  # tied, as the dense model was
     assert full.config.quantization_config.embeddings == {"input": "model.embed_tokens", "output": "lm_head",
-                                                          "tied": True}
+                                                          "tied": True, "bits": 4, "gpr": 1}
     assert 0 < report.module_errors["lm_head"] < 0.02  # relative output error on the calibration states
     ids = torch.tensor([[1, 5, 77, 2047, 0, 5]])
     dense_table = table.dequantize()
@@ -96,6 +96,23 @@ def test_fine_tuning_and_adapters_leave_the_table_frozen(pair):
     assert all(m.codebook.grad is not None and m.codebook.grad.abs().sum() > 0 for m in mods.values())
 
 
+def test_table_with_its_own_bits_and_gpr(tiny, tmp_path):
+    model, tok = tiny
+    m = copy.deepcopy(model)
+    sketchtune.sketch_model(m, tok, **SKETCH, embeddings=True, embedding_bits=3, embedding_gpr=4)
+    table = m.model.embed_tokens
+    assert (table.bits, table.gpr, m.lm_head.bits, m.lm_head.gpr) == (3, 4, 3, 4)
+    assert table.codebook.shape == (2048, 4, 8) and m.lm_head.codebook is table.codebook
+    assert all(lin.bits == 4 and lin.gpr == 1 for lin in sketched_modules(m).values())
+    sketchtune.save(m, tok, tmp_path / "ck", dtype="float32")
+    reloaded, _ = sketchtune.load(tmp_path / "ck", dtype=torch.float32)
+    ids = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, m.eval()(ids).logits)
+    with pytest.raises(SketchError, match="embeddings: gpr=3 must be a positive divisor of the row length 128"):
+        sketchtune.sketch_model(copy.deepcopy(model), tok, **SKETCH, embeddings=True, embedding_gpr=3)
+
+
 def test_damaged_embeddings_checkpoint_is_one_line(pair, tiny, tmp_path):
     _, full, _ = pair
     out = tmp_path / "ck"
@@ -109,6 +126,11 @@ def test_damaged_embeddings_checkpoint_is_one_line(pair, tiny, tmp_path):
     cfg["quantization_config"]["embeddings"] = {"input": "model.embed_tokens", "tied": "yes"}
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(SketchError, match="quantization_config.embeddings must be"):
+        sketchtune.load(out)
+    cfg["quantization_config"]["embeddings"] = {"input": "model.embed_tokens", "output": "lm_head", "tied": True,
+                                                "bits": 5}
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(SketchError, match="corrupt checkpoint: quantization_config.embeddings: bits must be one of"):
         sketchtune.load(out)
 
 

@@ -39,21 +39,21 @@ pytestmark = pytest.mark.skipif(vllm_python() is None, reason="vLLM is not insta
                                 "is not set (vLLM pins transformers: install `.[serve]` in its own environment)")
 
 
-#: (tie_word_embeddings, sketch_model(embeddings=...)): a dense untied head, a sketched tied table (one table
-#: for lookups and logits) and a sketched untied pair.
-VARIANTS = {"dense-embeddings": (False, False), "sketched-tied": (True, True), "sketched-untied": (False, True)}
+#: (tie_word_embeddings, sketch_model(embeddings=...) options): a dense untied head, a sketched tied table (one
+#: table for lookups and logits) and a sketched untied pair in a layout of its own (INT3 GPR 2, layers INT4 GPR 4).
+VARIANTS = {"dense-embeddings": (False, {}), "sketched-tied": (True, {"embeddings": True}),
+            "sketched-untied": (False, {"embeddings": True, "embedding_bits": 3, "embedding_gpr": 2})}
 
 
 def sketch_variant(name: str, out: Path) -> Path:
-    tied, embeddings = VARIANTS[name]
+    tied, options = VARIANTS[name]
     tok = AutoTokenizer.from_pretrained(BUNDLED_MODEL)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, bits=4, gpr=4, progress=False,
-                            embeddings=embeddings)
+    sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, bits=4, gpr=4, progress=False, **options)
     sketchtune.save(model, tok, out, dtype="float32")
     return out
 

@@ -187,7 +187,7 @@ def validate(path: str | os.PathLike) -> dict:
     tensors = checkpoint_tensors(path)
     spec = qc.get("embeddings")
     if spec is not None:
-        check_embeddings_spec(spec)
+        spec = check_embeddings_spec(spec, qc["bits"], qc["gpr"])
     tables = [spec["input"]] + ([] if spec["tied"] else [spec["output"]]) if spec else []
     for name in [*qc.get("modules", []), *tables]:
         for suffix, want in (("weight", "U8"), ("codebook", None)):

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--sketch-embeddings", action="store_true",
                     help="sketch the token embedding and the LM head too (one table when tied): a smaller model "
                          "in memory, at some perplexity (README: Sketching the embeddings)")
+    sk.add_argument("--embedding-bits", type=int, default=None,
+                    help="bits of the sketched embedding table (default: --bits; implies --sketch-embeddings)")
+    sk.add_argument("--embedding-gpr", type=int, default=None,
+                    help="groups per row of the sketched embedding table (default: --gpr; implies --sketch-embeddings)")
     sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")
     sk.add_argument("--gpr", type=int, default=1, help="groups per row; must divide every row length")
     sk.add_argument("--calib", default="c4", help="calibration text: .txt/.jsonl/.json or the bundled 'c4'")
@@ -217,7 +221,8 @@ def cmd_sketch(args) -> None:
         refit=args.refit, percdamp=args.percdamp, dtype=args.dtype, device=args.device, seed=args.seed,
         eval_data=tuple(args.eval_data.split(",")), eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
         prompt=args.prompt, resume=args.resume, stream=args.stream, heal_steps=args.heal_steps,
-        embeddings=args.sketch_embeddings,
+        embeddings=args.sketch_embeddings or args.embedding_bits is not None or args.embedding_gpr is not None,
+        embedding_bits=args.embedding_bits, embedding_gpr=args.embedding_gpr,
     )
     info, report = job.info, job.report
     print(f"\nSketched {job.source} -> {job.out}  ({report.method}, INT{report.bits}, GPR {report.gpr}, "
@@ -284,7 +289,8 @@ def cmd_info(args) -> None:
 def _embeddings_line(info: dict) -> str:
     spec = info["embeddings"]
     what = f"{spec['input']} (tied {spec['output']})" if spec["tied"] else f"{spec['input']} and {spec['output']}"
-    return f"{what} sketched, {_mb(info['embedding_table_bytes'])}"
+    return (f"{what} sketched at INT{spec.get('bits', info['bits'])} GPR {spec.get('gpr', info['gpr'])}, "
+            f"{_mb(info['embedding_table_bytes'])}")
 
 
 def _print_left_dense(left: dict[str, str]) -> None:

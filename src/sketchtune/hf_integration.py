@@ -36,8 +36,9 @@ class SketchTuneConfig(QuantizationConfigMixin):
     ``calibration`` and ``source_model`` record how the sketch was learned, for reproducibility;
     ``left_dense`` names every weight matrix inside the decoder layers that stayed dense, and why;
     ``healing`` records a codebook distillation run after sketching (teacher, steps, tokens, KL before/after);
-    ``embeddings`` (``{"input": name, "output": name, "tied": bool}``, or ``None``) says the token embedding and
-    the LM head are sketched too, with the same bits / gpr — one table for both when the model ties them.
+    ``embeddings`` (``{"input": name, "output": name, "tied": bool, "bits": int, "gpr": int}``, or ``None``) says
+    the token embedding and the LM head are sketched too, with their own bits / gpr (the model's when absent) —
+    one table for both when the model ties them.
     """
 
     def __init__(
@@ -72,7 +73,7 @@ class SketchTuneConfig(QuantizationConfigMixin):
         self.left_dense = dict(left_dense or {})
         self.expert_modules = list(expert_modules or [])
         self.healing = healing
-        self.embeddings = check_embeddings_spec(embeddings)
+        self.embeddings = check_embeddings_spec(embeddings, bits, gpr)
         self.format_version = FORMAT_VERSION if format_version is None else format_version
         self.version = version
 
@@ -80,16 +81,23 @@ class SketchTuneConfig(QuantizationConfigMixin):
         return dict(self.__dict__)
 
 
-def check_embeddings_spec(spec: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A config's ``embeddings`` entry, checked: module names for the input table and the head, and ``tied``."""
+def check_embeddings_spec(spec: dict[str, Any] | None, bits: int, gpr: int) -> dict[str, Any] | None:
+    """A config's ``embeddings`` entry, checked and complete: module names for the input table and the head,
+    ``tied``, and the table's ``bits`` / ``gpr`` (``bits`` / ``gpr`` of the decoder layers when absent)."""
     if spec is None:
         return None
     ok = (isinstance(spec, dict) and isinstance(spec.get("input"), str) and isinstance(spec.get("output"), str)
           and isinstance(spec.get("tied"), bool))
     if not ok:
         raise SketchError(f"corrupt checkpoint: quantization_config.embeddings must be {{'input': name, 'output': "
-                          f"name, 'tied': bool}}, got {spec!r}")
-    return {"input": spec["input"], "output": spec["output"], "tied": spec["tied"]}
+                          f"name, 'tied': bool, 'bits': int, 'gpr': int}}, got {spec!r}")
+    full = {"input": spec["input"], "output": spec["output"], "tied": spec["tied"],
+            "bits": spec.get("bits", bits), "gpr": spec.get("gpr", gpr)}
+    try:
+        check_layout(full["bits"], full["gpr"])
+    except SketchError as e:
+        raise SketchError(f"corrupt checkpoint: quantization_config.embeddings: {e}") from None
+    return full
 
 
 def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
@@ -100,19 +108,23 @@ def module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return found
 
 
-def embeddings_spec(model: torch.nn.Module) -> dict[str, Any]:
-    """Where a model's token embedding and LM head are, and whether it ties them (the same weight tensor)."""
+def embeddings_spec(model: torch.nn.Module, bits: int, gpr: int) -> dict[str, Any]:
+    """Where a model's token embedding and LM head are, whether it ties them (the same weight tensor), and the
+    layout to sketch them in."""
     table, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(table, torch.nn.Embedding) or head is None or not hasattr(head, "weight"):
         raise SketchError(f"{type(model).__name__}: sketching the embeddings needs an nn.Embedding input table and "
                           "a linear LM head")
     tied = head.weight is table.weight or (
         head.weight.shape == table.weight.shape and head.weight.data_ptr() == table.weight.data_ptr())
-    return {"input": module_name(model, table), "output": module_name(model, head), "tied": bool(tied)}
+    check_layout(bits, gpr, table.embedding_dim)
+    return {"input": module_name(model, table), "output": module_name(model, head), "tied": bool(tied),
+            "bits": bits, "gpr": gpr}
 
 
-def empty_embeddings(model: torch.nn.Module, spec: dict[str, Any], bits: int, gpr: int):
+def empty_embeddings(model: torch.nn.Module, spec: dict[str, Any]):
     """Empty ``(SketchedEmbedding, SketchedLinear head)`` shaped like the model's dense ones."""
+    bits, gpr = spec["bits"], spec["gpr"]
     try:
         dense, head = model.get_submodule(spec["input"]), model.get_submodule(spec["output"])
     except AttributeError:
@@ -193,8 +205,7 @@ def replace_with_sketched(model: torch.nn.Module, config: SketchTuneConfig) -> N
         )
     install_sketched(model, layers)
     if config.embeddings is not None:
-        install_embeddings(model, config.embeddings, *empty_embeddings(model, config.embeddings, config.bits,
-                                                                        config.gpr))
+        install_embeddings(model, config.embeddings, *empty_embeddings(model, config.embeddings))
 
 
 class SketchTuneHfQuantizer(HfQuantizer):

@@ -80,7 +80,8 @@ def sketch_job(
     dtype: str = "float16", device: str | None = None, seed: int = 0, resume: bool = False,
     eval_data: tuple[str, ...] = ("wikitext2", "tinystories"), eval_seqlen: int = 256, eval_windows: int = 40,
     prompt: str = DEFAULT_PROMPT, sample_tokens: int = 48, progress: bool = True, stream: bool = False,
-    heal_steps: int = 0, embeddings: bool = False,
+    heal_steps: int = 0, embeddings: bool = False, embedding_bits: int | None = None,
+    embedding_gpr: int | None = None,
 ) -> SketchJob:
     """Sketch ``model`` (default: the bundled TinyStories-656K) into ``out`` and measure what it cost.
 
@@ -90,9 +91,12 @@ def sketch_job(
     layer by layer (:mod:`sketchtune.sketch.streaming`); perplexity and the sample are then skipped, as they would
     need the whole model (run ``sketchtune ppl OUT`` on a machine that holds it). ``heal_steps`` > 0 heals
     the saved sketch towards ``model`` on the calibration text (:func:`heal_job`, its defaults otherwise)
-    before it is measured. ``embeddings=True`` sketches the token embedding and LM head too.
+    before it is measured. ``embeddings=True`` sketches the token embedding and LM head too
+    (with ``embedding_bits`` / ``embedding_gpr``, default ``bits`` / ``gpr``).
     """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
+    if embeddings:
+        check_layout(embedding_bits or bits, embedding_gpr or gpr)
     if stream and heal_steps:
         raise SketchError("--heal-steps needs the whole model (teacher and student); it cannot follow --stream: "
                           "run `sketchtune heal OUT --overwrite` where the model fits")
@@ -109,7 +113,7 @@ def sketch_job(
     settings = dict(calib=calib, nsamples=nsamples, seqlen=seqlen, bits=bits, gpr=gpr,
                     s=DEFAULT_S if s is None else s, importance=importance or DEFAULT_IMPORTANCE, refit=refit,
                     percdamp=percdamp, method=method, seed=seed, device=dev, progress=progress, progress_dir=partial,
-                    resume=resume, embeddings=embeddings)
+                    resume=resume, embeddings=embeddings, embedding_bits=embedding_bits, embedding_gpr=embedding_gpr)
     if stream:
         from transformers import AutoTokenizer
 

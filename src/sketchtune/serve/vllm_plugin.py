@@ -30,7 +30,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
-from ..hf_integration import QUANT_METHOD
+from ..hf_integration import QUANT_METHOD, check_embeddings_spec
 from ..kernels import ops
 from ..layout import check_layout, dequantize_codes, packed_row_bytes, unpack_codes
 
@@ -42,7 +42,8 @@ class SketchTuneVllmConfig(QuantizationConfig):
                  embeddings: dict[str, Any] | None = None) -> None:
         super().__init__()
         check_layout(bits, gpr)
-        self.bits, self.gpr, self.modules, self.embeddings = bits, gpr, set(modules), embeddings
+        self.bits, self.gpr, self.modules = bits, gpr, set(modules)
+        self.embeddings = check_embeddings_spec(embeddings, bits, gpr)  # the table's own bits / gpr filled in
         if expert_modules:
             raise ValueError("sketchtune: serving sketched mixture-of-experts layers with vLLM is not supported yet "
                              f"({len(expert_modules)} expert modules in this checkpoint)")
@@ -128,10 +129,11 @@ class SketchTuneEmbeddingMethod(QuantizeMethodBase):
 
     def __init__(self, config: SketchTuneVllmConfig) -> None:
         self.config = config
+        self.bits, self.gpr = config.embeddings["bits"], config.embeddings["gpr"]
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra: Any) -> None:
-        bits, gpr = self.config.bits, self.config.gpr
+        bits, gpr = self.bits, self.gpr
         check_layout(bits, gpr, input_size)
         rows = sum(output_partition_sizes)
         for name, data in (("weight", torch.empty(rows, packed_row_bytes(input_size, bits), dtype=torch.uint8)),
@@ -146,11 +148,11 @@ class SketchTuneEmbeddingMethod(QuantizeMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         run = ops.linear if torch.compiler.is_compiling() else ops.linear_forward
-        return run(x, layer.weight, layer.codebook, bias, self.config.bits, layer.sketch_in_features)
+        return run(x, layer.weight, layer.codebook, bias, self.bits, layer.sketch_in_features)
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         rows = input_.reshape(-1)
-        codes = unpack_codes(layer.weight.index_select(0, rows), self.config.bits, layer.sketch_in_features)
+        codes = unpack_codes(layer.weight.index_select(0, rows), self.bits, layer.sketch_in_features)
         table = dequantize_codes(layer.codebook.index_select(0, rows), codes)
         return table.view(*input_.shape, layer.sketch_in_features)
 

@@ -30,8 +30,9 @@ from ..sketched_linear import SketchedLinear
 from .algorithm import SketchResult
 from .calibration import LayerInputs, _StopForward, move_outside_layers, return_freed_memory
 
-#: (full module name, W (out × in), H or None) → the sketch of W; the pipeline's own fitting, error included.
-Fit = Callable[[str, torch.Tensor, "torch.Tensor | None"], SketchResult]
+#: (full module name, W (out × in), H or None, bits, gpr) → the sketch of W; the pipeline's own fitting, error
+#: included.
+Fit = Callable[[str, torch.Tensor, "torch.Tensor | None", int, int], SketchResult]
 
 
 @torch.no_grad()
@@ -80,17 +81,17 @@ def head_hessian(model: nn.Module, batches: Iterable[torch.Tensor], inputs: Laye
     return state["sum"].mul_(2.0 / state["n"])
 
 
-def sketch_embeddings(model: nn.Module, spec: dict[str, Any], fit: Fit, hessian: torch.Tensor | None,
-                      bits: int) -> None:
+def sketch_embeddings(model: nn.Module, spec: dict[str, Any], fit: Fit, hessian: torch.Tensor | None) -> None:
     """Replace the model's embedding table and LM head (``spec``: :func:`~sketchtune.hf_integration.embeddings_spec`)
     by their sketches, in place; ``hessian`` is the head's (``None``: round to nearest, as ``method="rtn"``)."""
     dense_table, dense_head = model.get_submodule(spec["input"]), model.get_submodule(spec["output"])
     W = projection_weight(dense_head).data
-    result = fit(spec["output"], W, hessian)
+    bits, gpr = spec["bits"], spec["gpr"]
+    result = fit(spec["output"], W, hessian, bits, gpr)
     head = SketchedLinear.from_codes(result.codebook, result.codes, bits, dense_head.bias, dtype=W.dtype)
     if not spec["tied"]:
         own = fit(spec["input"], dense_table.weight.data,
-                  None if hessian is None else torch.eye(W.shape[1], device=hessian.device))
+                  None if hessian is None else torch.eye(W.shape[1], device=hessian.device), bits, gpr)
         result = own
     table = SketchedEmbedding.from_codes(result.codebook, result.codes, bits, dense_table.padding_idx,
                                          dtype=dense_table.weight.dtype)

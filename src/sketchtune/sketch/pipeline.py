@@ -106,6 +106,8 @@ def sketch_model(
     min_expert_tokens: int = 32,
     stream: StreamedModel | None = None,
     embeddings: bool = False,
+    embedding_bits: int | None = None,
+    embedding_gpr: int | None = None,
 ) -> SketchReport:
     """Replace every linear inside the decoder layers of ``model`` by a :class:`SketchedLinear`, in place.
 
@@ -120,8 +122,8 @@ def sketch_model(
 
     ``method="sketch"`` is SketchTune; ``"gptq"`` the same loop with a uniform grid; ``"rtn"`` plain rounding
     to a uniform grid (needs no calibration). ``embeddings=True`` sketches the token embedding and the LM head
-    too, with the same bits / gpr, after the layers (:mod:`.embeddings`: one table for both in a tied model);
-    by default they stay dense.
+    too, after the layers (:mod:`.embeddings`: one table for both in a tied model), with ``embedding_bits`` /
+    ``embedding_gpr`` (default: ``bits`` / ``gpr``); by default they stay dense.
     """
     if method not in ("sketch", "gptq", "rtn"):
         raise SketchError(f"method must be 'sketch', 'gptq' or 'rtn', got {method!r}")
@@ -146,18 +148,17 @@ def sketch_model(
     if embeddings:
         if stream is not None:
             raise SketchError("--sketch-embeddings cannot be combined with streaming yet (sketch without --stream)")
-        spec = embeddings_spec(model)
         try:
-            check_layout(bits, gpr, model.get_submodule(spec["input"]).embedding_dim)
+            spec = embeddings_spec(model, embedding_bits or bits, embedding_gpr or gpr)
         except SketchError as e:
-            raise SketchError(f"{spec['input']}: {e}") from None
+            raise SketchError(f"embeddings: {e}") from None
     tracker = None
     if progress_dir is not None:
         settings = {"bits": bits, "gpr": gpr, "method": method, "calib": str(calib), "nsamples": nsamples,
                     "seqlen": seqlen, "seed": seed, "s": s, "importance": importance, "refit": refit,
                     "percdamp": percdamp, "blocksize": blocksize, "batch_size": batch_size, "layers": len(layers),
                     "source_model": getattr(model, "name_or_path", None) or None,
-                    **({"embeddings": True} if embeddings else {})}
+                    **({"embeddings": [spec["bits"], spec["gpr"]]} if spec else {})}
         tracker = (SketchProgress.resume if resume else SketchProgress)(progress_dir, settings)
     elif resume or stream is not None:
         raise SketchError("resume and stream need a progress_dir to keep the finished layers in")
@@ -171,7 +172,8 @@ def sketch_model(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
-    def fit(full: str, W: torch.Tensor, H: torch.Tensor | None, errors: dict[str, float]) -> SketchResult:
+    def fit(full: str, W: torch.Tensor, H: torch.Tensor | None, errors: dict[str, float], bits: int = bits,
+            gpr: int = gpr) -> SketchResult:
         """Sketch one matrix (GPTQ-style with H, else round to nearest); its relative output error goes to errors."""
         if H is None:
             return round_to_nearest(W, bits, gpr)
@@ -285,7 +287,7 @@ def sketch_model(
     if spec is not None:
         H = None if inputs is None else head_hessian(model, tokens.split(batch_size), inputs, hidden, dev)
         errors: dict[str, float] = {}
-        sketch_embeddings(model, spec, lambda full, W, H_: fit(full, W, H_, errors), H, bits)
+        sketch_embeddings(model, spec, lambda full, W, H_, b, g: fit(full, W, H_, errors, b, g), H)
         report.module_errors.update(errors)
     report.left_dense = left_dense
     report.seconds = time.perf_counter() - t0
