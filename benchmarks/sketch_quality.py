@@ -63,7 +63,8 @@ SWEEP_CONFIGS = [
 # The token embedding and LM head sketched too: the default and the two GPR4 rows with healing targets.
 EMBEDDING_CONFIGS = [dict(_sk(4, 1, False), embeddings=True), dict(_sk(4, 4, False), embeddings=True),
                      dict(_sk(3, 4, False), embeddings=True),
-                     dict(_sk(3, 4, False), embeddings=True, embedding_bits=4)]  # a 3-bit table costs too much
+                     dict(_sk(3, 4, False), embeddings=True, embedding_bits=4),  # a 3-bit table costs too much
+                     dict(_sk(4, 1, False), embeddings=True, embedding_gpr=4)]
 # Every sketch configuration again with the paper's importance as written, (1/[H⁻¹]ᵢᵢ)^3.
 PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN_CONFIGS if cfg["method"] == "sketch"]
 # Healing: the three configurations with targets in issue #13 first, then the other three.
@@ -81,7 +82,9 @@ def label(cfg: dict) -> str:
         if "s" in cfg:
             parts.append(f"s={cfg['s']:g}/{cfg['importance']}")
     if cfg.get("embeddings"):
-        parts.append(f"+ INT{cfg['embedding_bits']} embeddings" if cfg.get("embedding_bits") else "+ embeddings")
+        table = " ".join(([f"INT{cfg['embedding_bits']}"] if cfg.get("embedding_bits") else [])
+                         + ([f"GPR{cfg['embedding_gpr']}"] if cfg.get("embedding_gpr") else []))
+        parts.append(f"+ {table} embeddings" if table else "+ embeddings")
     return " ".join(parts)
 
 

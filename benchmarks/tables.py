@@ -57,13 +57,13 @@ def sketch_quality(d: dict) -> str:
                 _table(["importance"] + [f"s={s:g}" for s in s_values], body)]
     tables = [r for r in rows if r.get("embeddings")]
     if tables:
-        body = [[r["label"].replace(" + embeddings", "").replace(" + INT4 embeddings", ", table INT4"),
+        body = [[r["label"].replace(" + embeddings", "").replace(" + ", ", table ").replace(" embeddings", ""),
                  f"{r['dense_table_wikitext2_ppl']:.2f}",
                  f"{r['wikitext2_ppl']:.2f}", f"{r['wikitext2_ppl'] / r['dense_table_wikitext2_ppl']:.3f}×",
                  f"{r['embeddings_rel_error']:.2e}", f"{r['checkpoint_weight_bytes'] / 2**20:.1f}"]
                 for r in sorted(tables, key=lambda r: (-r["bits"], r["gpr"]))]
         out += ["\n**Sketched embeddings** (`--sketch-embeddings`: the tied 49152 × 576 table / LM head sketched "
-                "too, same bits and GPR unless the row names the table's bits). Each row's decoder sketch is "
+                "too, same bits and GPR unless the row names the table's). Each row's decoder sketch is "
                 "scored twice: with the dense table put back, "
                 "and with its sketched table; error = the head's relative output error on the calibration states.\n",
                 _table(["configuration", "ppl, dense table", "ppl, sketched table", "ratio", "head error",

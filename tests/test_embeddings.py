@@ -134,9 +134,11 @@ def test_damaged_embeddings_checkpoint_is_one_line(pair, tiny, tmp_path):
         sketchtune.load(out)
 
 
-def test_stream_with_embeddings_refused_before_work(capsys, tmp_path):
+def test_stream_and_bad_table_layout_refused_before_work(capsys, tmp_path):
     from sketchtune.cli import main
 
     assert main(["sketch", "--stream", "--sketch-embeddings", "--out", str(tmp_path / "x")]) != 0
     assert "--sketch-embeddings cannot be combined with --stream" in capsys.readouterr().err
+    assert main(["sketch", "--embedding-bits", "5", "--out", str(tmp_path / "x")]) != 0
+    assert "error: embeddings: bits must be one of (2, 3, 4), got 5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

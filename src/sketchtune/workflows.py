@@ -96,7 +96,10 @@ def sketch_job(
     """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
     if embeddings:
-        check_layout(embedding_bits or bits, embedding_gpr or gpr)
+        try:
+            check_layout(embedding_bits or bits, embedding_gpr or gpr)
+        except SketchError as e:
+            raise SketchError(f"embeddings: {e}") from None
     if stream and heal_steps:
         raise SketchError("--heal-steps needs the whole model (teacher and student); it cannot follow --stream: "
                           "run `sketchtune heal OUT --overwrite` where the model fits")
