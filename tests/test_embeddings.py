@@ -142,3 +142,22 @@ def test_stream_and_bad_table_layout_refused_before_work(capsys, tmp_path):
     assert main(["sketch", "--embedding-bits", "5", "--out", str(tmp_path / "x")]) != 0
     assert "error: embeddings: bits must be one of (2, 3, 4), got 5" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_sketch_train_generate_with_sketched_embeddings(capsys, tmp_path):
+    """The whole CLI path on a sketch with its table sketched: sketch → train (adapter) → generate → info."""
+    from sketchtune.cli import main
+
+    ck, run = tmp_path / "ck", tmp_path / "run"
+    assert main(["sketch", "--sketch-embeddings", "--out", str(ck), "--nsamples", "8", "--seqlen", "128",
+                 "--eval-windows", "2"]) == 0
+    assert "embeddings: model.embed_tokens (tied lm_head) sketched at INT4 GPR 1" in capsys.readouterr().out
+    assert main(["train", str(ck), "--data", "tinystories", "--out", str(run), "--max-steps", "2",
+                 "--cutoff-len", "32", "--logging-steps", "1"]) == 0
+    with safe_open(str(run / "sketch_adapter.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any(k.startswith(("lm_head", "model.embed_tokens")) for k in keys)
+    capsys.readouterr()
+    assert main(["generate", str(ck), "--adapter", str(run), "--max-new-tokens", "5"]) == 0
+    assert main(["info", str(ck)]) == 0
+    assert "embeddings" in capsys.readouterr().out
