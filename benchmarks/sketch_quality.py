@@ -62,8 +62,8 @@ SWEEP_CONFIGS = [
 ]
 # The token embedding and LM head sketched too: the default and the two GPR4 rows with healing targets.
 EMBEDDING_CONFIGS = [dict(_sk(4, 1, False), embeddings=True), dict(_sk(4, 4, False), embeddings=True),
-                     dict(_sk(3, 4, False), embeddings=True),
-                     dict(_sk(3, 4, False), embeddings=True, embedding_bits=4),  # a 3-bit table costs too much
+                     dict(_sk(3, 4, False), embeddings=True, embedding_bits=3),  # below the 4-bit default: costs more
+                     dict(_sk(3, 4, False), embeddings=True, embedding_bits=4),
                      dict(_sk(4, 1, False), embeddings=True, embedding_gpr=4)]
 # Every sketch configuration again with the paper's importance as written, (1/[H⁻¹]ᵢᵢ)^3.
 PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN_CONFIGS if cfg["method"] == "sketch"]

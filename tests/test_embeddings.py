@@ -111,6 +111,10 @@ def test_table_with_its_own_bits_and_gpr(tiny, tmp_path):
         assert torch.equal(reloaded(ids).logits, m.eval()(ids).logits)
     with pytest.raises(SketchError, match="embeddings: gpr=3 must be a positive divisor of the row length 128"):
         sketchtune.sketch_model(copy.deepcopy(model), tok, **SKETCH, embeddings=True, embedding_gpr=3)
+    low = copy.deepcopy(model)  # INT2 layers: the table gets 4 bits unless told otherwise
+    sketchtune.sketch_model(low, tok, **{**SKETCH, "bits": 2}, embeddings=True)
+    assert (low.model.embed_tokens.bits, low.model.embed_tokens.gpr) == (4, 1)
+    assert all(lin.bits == 2 for lin in sketched_modules(low).values())
 
 
 def test_damaged_embeddings_checkpoint_is_one_line(pair, tiny, tmp_path):

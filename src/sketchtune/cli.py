@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sketch the token embedding and the LM head too (one table when tied): a smaller model "
                          "in memory, at some perplexity (README: Sketching the embeddings)")
     sk.add_argument("--embedding-bits", type=int, default=None,
-                    help="bits of the sketched embedding table (default: --bits; implies --sketch-embeddings)")
+                    help="bits of the sketched embedding table (default: --bits, at least 4; implies --sketch-embeddings)")
     sk.add_argument("--embedding-gpr", type=int, default=None,
                     help="groups per row of the sketched embedding table (default: --gpr; implies --sketch-embeddings)")
     sk.add_argument("--bits", type=int, default=4, help="bits per code: 2, 3 or 4")

@@ -33,7 +33,7 @@ from .layout import check_layout
 from .modeling import load_for_eval, load_model, resolve_device
 from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.calibration import calibration_tokens
-from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, SketchReport, sketch_model
+from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, TABLE_MIN_BITS, SketchReport, sketch_model
 from .sketch.streaming import StreamedModel, write_streamed_checkpoint
 
 Notify = Callable[[str], None]
@@ -92,12 +92,12 @@ def sketch_job(
     need the whole model (run ``sketchtune ppl OUT`` on a machine that holds it). ``heal_steps`` > 0 heals
     the saved sketch towards ``model`` on the calibration text (:func:`heal_job`, its defaults otherwise)
     before it is measured. ``embeddings=True`` sketches the token embedding and LM head too
-    (with ``embedding_bits`` / ``embedding_gpr``, default ``bits`` / ``gpr``).
+    (with ``embedding_bits`` / ``embedding_gpr``; see :func:`sketch_model` for their defaults).
     """
     check_layout(bits, gpr)  # before loading anything; divisibility is checked per layer
     if embeddings:
         try:
-            check_layout(embedding_bits or bits, embedding_gpr or gpr)
+            check_layout(embedding_bits or max(bits, TABLE_MIN_BITS), embedding_gpr or gpr)
         except SketchError as e:
             raise SketchError(f"embeddings: {e}") from None
     if stream and heal_steps:
