@@ -8,7 +8,13 @@ bitsandbytes 0.45). Reported per method: trainable parameters, base-model bytes,
 accuracy, peak RSS and seconds per step. ``--save-full-ft`` keeps the fully fine-tuned model for
 ``sketchtune analyze-delta``.
 
+``sketchtune-gprN-healed`` trains the same sketch after ``sketchtune heal`` (issue #13: does healing help the
+later fine-tune or fight it?): ``--heal-steps`` steps of codebook distillation towards the FP model on C4
+calibration windows (never the task's data), cached beside the unhealed base and resumed if killed.
+
     python benchmarks/finetune_compare.py --data-dir ../shared/data --task math
+    python benchmarks/finetune_compare.py --task commonsense --methods sketchtune-gpr4,sketchtune-gpr4-healed \
+        --out benchmarks/results/finetune_commonsense_healed.json
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -97,12 +104,36 @@ def sketch_base(base, tok, gpr: int, args) -> Path:
     return out
 
 
+def healed_base(sketched: Path, args) -> tuple[Path, dict]:
+    """``sketched`` healed for ``--heal-steps`` steps (C4 calibration windows, lr ``--heal-lr``, batch 4 × 512);
+    resumes a killed heal. Returns the checkpoint and what the healing cost and gained (KL before/after)."""
+    from sketchtune.workflows import heal_job
+
+    out = sketched.with_name(f"{sketched.name}-healed-{args.heal_steps}")
+    record = out.with_name(out.name + ".json")
+    if not (out / "config.json").is_file():
+        resume = (out.parent / f".{out.name}.healing").is_dir()
+        t0 = time.perf_counter()
+        job = heal_job(sketched, args.model or str(Path(args.data_dir) / GGUF), out,
+                       calib=str(Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"), nsamples=args.heal_nsamples,
+                       seqlen=512, seed=1, resume=resume, max_steps=args.heal_steps, learning_rate=args.heal_lr,
+                       per_device_train_batch_size=4, save_steps=10, logging_steps=10, dtype="float16")
+        write_json(record, {"steps": job.metrics["global_step"], "tokens": job.metrics["global_step"] * 4 * 512,
+                            "learning_rate": args.heal_lr, "windows": args.heal_nsamples,
+                            "seconds_this_run": time.perf_counter() - t0, "threads": torch.get_num_threads(),
+                            "resumed": job.resumed_from is not None, "kl_before": job.kl_before,
+                            "kl_after": job.kl_after, "kl_eval_tokens": job.eval_tokens})
+    return out, json.loads(record.read_text()) if record.is_file() else {}
+
+
 def build_method(name: str, base, tok, args):
     """(model, trainable params, base bytes) for one method, ready for the Trainer."""
     kind = name.split("-")[0]
     if kind == "sketchtune":
-        gpr = int(name.split("gpr")[1])
+        gpr = int(name.split("gpr")[1].split("-")[0])
         path = sketch_base(base, tok, gpr, args)
+        if name.endswith("-healed"):
+            path, args.healing[name] = healed_base(path, args)
         model, _ = sketchtune.load(path, dtype=torch.float32)
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
         return model, sum(m.codebook.numel() for m in model.modules() if hasattr(m, "codebook")), size
@@ -173,6 +204,8 @@ def run_method(name: str, base, tok, train_ds, eval_ds, task: dict, args) -> dic
         "eval_loss": eval_loss, "accuracy": {t: r["accuracy"] for t, r in acc["tasks"].items()}, "avg_accuracy": acc["average"],
         "peak_rss_bytes": mem.peak, "seconds": seconds, "seconds_per_step": seconds / args.max_steps,
     }
+    if name in args.healing:
+        row["healing"] = args.healing[name]
     del model
     gc.collect()
     return row
@@ -201,8 +234,12 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: benchmarks/results/finetune_<task>.json")
     p.add_argument("--lr", action="append", default=[], metavar="KIND=LR",
                    help="override a learning rate, e.g. --lr sketchtune=3e-4 (kinds: " + ", ".join(LEARNING_RATES) + ")")
+    p.add_argument("--heal-steps", type=int, default=50, help="healing steps of the -healed methods' base")
+    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-nsamples", type=int, default=512, help="C4 windows of 512 tokens healing draws from")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    args.healing = {}
     args.learning_rates = dict(LEARNING_RATES)
     for item in args.lr:
         kind, _, value = item.partition("=")

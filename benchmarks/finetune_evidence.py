@@ -56,7 +56,7 @@ LR_GRIDS = {
     "full": [1e-5, 3e-5, 1e-4],
 }
 #: Priority order: the most informative comparison (GPR 4 vs LoRA at its budget) lands first.
-DEFAULT_METHODS = "sketchtune-gpr4,lora,qlora,sketchtune-gpr1,lora-gpr1,full,dora"
+DEFAULT_METHODS = "sketchtune-gpr4,lora,qlora,sketchtune-gpr4-healed,sketchtune-gpr1,lora-gpr1,full,dora"
 #: Two-sided 95% Student-t quantiles (df → t_.975); beyond the table the normal 1.96 is close enough.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -74,7 +74,7 @@ def base_of(method: str) -> str:
     """The frozen base a method trains on (accuracy before training is measured once per base)."""
     kind = kind_of(method)
     if kind == "sketchtune":
-        return "sketch-" + method.split("-")[1]
+        return "sketch-" + method.split("-", 1)[1]  # sketch-gpr4, sketch-gpr4-healed
     return "nf4" if kind == "qlora" else "fp32"
 
 
@@ -345,6 +345,8 @@ def run_unit(uid: str, phase: str, spec: dict, ctx: dict, state: dict, args) -> 
             acc = accuracy(model, tok, task, args)
         row = {"base": spec["base"], "built_with": method, "base_model_bytes": base_bytes, "val_loss": val_loss,
                "val_eval_seconds": val_seconds, **acc, "peak_rss_bytes": mem.peak}
+        if method in args.healing:  # what building a healed base cost (finetune_compare.healed_base)
+            row["healing"] = args.healing[method]
     elif phase == "lr":
         steps = max(1, round(args.max_steps * args.lr_fraction))
         with PeakRSS() as mem:
@@ -633,6 +635,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=160, help="math generation budget")
     p.add_argument("--data-seed", type=int, default=0, help="fixes the train/validation split and test subsets")
     p.add_argument("--calib-nsamples", type=int, default=32)
+    p.add_argument("--heal-steps", type=int, default=50, help="healing steps of a -healed method's base (issue #13)")
+    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-nsamples", type=int, default=512, help="C4 windows of 512 tokens healing draws from")
     p.add_argument("--plateau-tol", type=float, default=0.005, help="nats; see plateau_step")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--likelihood-scorer", choices=["prefix-once", "per-choice"], default=None,
@@ -647,6 +652,7 @@ def main() -> None:
     p.add_argument("--max-units", type=int, default=0, help="stop after this many new units (0: no limit)")
     p.add_argument("--analyze-only", action="store_true", help="recompute analysis and plot from --out; no training")
     args = p.parse_args()
+    args.healing = {}
     for k, v in TASK_DEFAULTS[args.task].items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -200,6 +200,32 @@ def test_sketched_experts_forward_is_the_eager_experts_loop(tok):
         torch.testing.assert_close(ours(x, index, weights), original(x, index, weights), rtol=1e-5, atol=1e-5)
 
 
+def test_experts_op_on_engine_routing_is_the_sketched_experts_block(tok):
+    """``sketchtune::experts`` (what vLLM calls with its own routing, stacked w13/w2 tensors) computes what
+    ``SketchedExperts`` computes for the same top-k, and passes ``opcheck``."""
+    from sketchtune.kernels import ops
+
+    model = build_moe("qwen3_moe")
+    sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, bits=3, gpr=2, progress=False)
+    block = model.model.layers[1].mlp.experts
+    stack = lambda mods, name: torch.stack([getattr(m, name) for m in mods])  # noqa: E731
+    args = (stack(block.gate_up_proj, "weight"), stack(block.gate_up_proj, "codebook"),
+            stack(block.down_proj, "weight"), stack(block.down_proj, "codebook"), 3)
+    torch.manual_seed(1)
+    x = torch.randn(9, 64)
+    weights, index = torch.softmax(torch.randn(9, 4), -1).topk(2, dim=-1)
+    index[0] = torch.tensor([3, 0])  # every expert hit, expert 2 by one token only
+    with torch.no_grad():
+        expected = block(x, index, weights)
+        got = ops.experts_forward(x, weights, index.int(), *args)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.ops.sketchtune.experts(x, weights, index, *args), expected,
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(ops.experts_forward(x, weights * 0, index, *args), torch.zeros_like(x))
+    torch.library.opcheck(torch.ops.sketchtune.experts.default, (x, weights, index, *args),
+                          test_utils=("test_schema", "test_faketensor"))  # inference only: no autograd formula
+
+
 def test_moe_fallback_and_codebook_training(tok, tmp_path):
     """Experts with too few routed tokens fall back (and are reported); training moves only codebooks."""
     from sketchtune.train.trainer import prepare_for_training

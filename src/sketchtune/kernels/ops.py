@@ -12,6 +12,8 @@
 ``sketchtune::grad_input``         ∂x = ∂y Ŵ (the backward's other half), in ∂y's dtype
 ``sketchtune::codebook_grad``      fp32 (out, gpr, 2^bits) bins of dYᵀX, fused (no ∂L/∂Ŵ in memory)
 ``sketchtune::bin_reduce``         fp32 bins of a dense ∂L/∂Ŵ — the two-step fallback of ``codebook_grad``
+``sketchtune::experts``            a routed mixture-of-experts block (gate/up, SiLU·up, down per expert),
+                                   inference only: what a serving engine calls with its own routing
 =================================  ==========================================================================
 
 They are ``torch.library.custom_op`` s with ``register_fake`` rather than ``triton_op`` s: opaque to the
@@ -257,3 +259,56 @@ def _backward(ctx, grad_out: torch.Tensor):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("sketchtune::experts", mutates_args=())
+def experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_codebook: torch.Tensor,
+    down: torch.Tensor,
+    down_codebook: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
+    return experts_forward(x, topk_weights, topk_ids, gate_up, gate_up_codebook, down, down_codebook, bits)
+
+
+def experts_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, gate_up: torch.Tensor,
+                    gate_up_codebook: torch.Tensor, down: torch.Tensor, down_codebook: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """Σ_k w_k · down_e(SiLU(gate_e x) · up_e x) over each token's routed experts e = ``topk_ids[t, k]``.
+
+    ``gate_up`` (experts, 2·inter, packed) / ``down`` (experts, hidden, packed) hold every expert's packed codes
+    and the codebooks (experts, rows, gpr, 2^bits) theirs; gate rows come first, as in transformers' fused
+    ``gate_up_proj`` and vLLM's ``w13``. Tokens are grouped per expert so each expert's matrices run once, with
+    the same kernels (:func:`linear_forward`) as every other sketched layer: decode touches only the experts
+    its tokens picked, and no expert's Ŵ is kept. The same computation as :class:`sketchtune.experts.SketchedExperts`,
+    which routes with transformers' router; this op takes the engine's routing instead.
+    """
+    hidden, inter = x.shape[-1], gate_up.shape[1] // 2
+    out = torch.zeros_like(x)
+    flat = topk_ids.reshape(-1).long()
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[-1])
+    weight = topk_weights.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        pick = order[start:start + n]
+        start += n
+        rows = token[pick]
+        h = linear_forward(x[rows], gate_up[expert], gate_up_codebook[expert], None, bits, hidden)
+        gate, up = h.chunk(2, dim=-1)
+        y = linear_forward(torch.nn.functional.silu(gate) * up, down[expert], down_codebook[expert], None, bits,
+                           inter)
+        out.index_add_(0, rows, (y * weight[pick, None].to(y.dtype)).to(out.dtype))
+    return out
+
+
+@experts.register_fake
+def _(x, topk_weights, topk_ids, gate_up, gate_up_codebook, down, down_codebook, bits):
+    return torch.empty_like(x)

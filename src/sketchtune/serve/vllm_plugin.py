@@ -16,16 +16,39 @@ A checkpoint sketched with ``--sketch-embeddings`` has its token embedding (and 
 same format: vLLM's ``VocabParallelEmbedding`` / ``ParallelLMHead`` get :class:`SketchTuneEmbeddingMethod`,
 whose lookups decode only the rows asked for and whose logits run the same ``sketchtune::linear``. A tied head
 shares the table's codes and codebooks (``tie_weights``), so the table is held once.
+
+Sketched mixture-of-experts blocks (``expert_modules``) get :class:`SketchTuneMoEMethod` on vLLM's routed
+experts: every expert's codes and codebooks stacked as ``w13_*`` (gate rows, then up) and ``w2_*``, filled by
+its own loader from the checkpoint's per-expert keys (``<block>.gate_up_proj.<e>.weight`` / ``.codebook``,
+which vLLM's expert mapping does not know), and ``apply`` runs ``sketchtune::experts`` on vLLM's routing.
+vLLM's router and shared experts run as they do for any model. Architectures whose vLLM module names differ
+from transformers' (Mixtral's ``block_sparse_moe``) are refused with a clear error, as are expert parallelism
+and tensor-parallel splits of the experts.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
-from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import (
+    FusedMoEMethodBase,
+)
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+)
+from vllm.model_executor.layers.quantization import (
+    QUANTIZATION_METHODS,
+    register_quantization_config,
+)
+from vllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    QuantizeMethodBase,
+)
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
@@ -44,9 +67,7 @@ class SketchTuneVllmConfig(QuantizationConfig):
         check_layout(bits, gpr)
         self.bits, self.gpr, self.modules = bits, gpr, set(modules)
         self.embeddings = check_embeddings_spec(embeddings, bits, gpr)  # the table's own bits / gpr filled in
-        if expert_modules:
-            raise ValueError("sketchtune: serving sketched mixture-of-experts layers with vLLM is not supported yet "
-                             f"({len(expert_modules)} expert modules in this checkpoint)")
+        self.expert_modules = set(expert_modules or [])
 
     def get_name(self) -> str:
         return QUANT_METHOD
@@ -70,6 +91,8 @@ class SketchTuneVllmConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, VocabParallelEmbedding):  # the token table, and ParallelLMHead (a subclass)
             return SketchTuneEmbeddingMethod(self) if self.embeddings else None  # None: dense, as sketching left it
+        if isinstance(layer, RoutedExperts):
+            return SketchTuneMoEMethod(self, layer.moe_config) if self.sketched_experts(prefix) else None
         if not isinstance(layer, LinearBase):
             return None
         return SketchTuneLinearMethod(self) if self.sketched(prefix) else UnquantizedLinearMethod()
@@ -83,6 +106,19 @@ class SketchTuneVllmConfig(QuantizationConfig):
             raise ValueError(f"sketchtune: vLLM fuses {', '.join(parts)} into {prefix}, but only some of them are "
                              "sketched in this checkpoint")
         return all(found)
+
+    def sketched_experts(self, prefix: str) -> bool:
+        """Whether vLLM's MoE block ``prefix`` is sketched. A block the checkpoint names differently (vLLM's
+        Mixtral keeps ``block_sparse_moe`` where transformers 5 says ``mlp``) cannot be matched to its tensors."""
+        if prefix in self.expert_modules:
+            return True
+        suffix = prefix.rsplit(".layers.", 1)[-1].partition(".")[2]  # "mlp.experts" of "model.layers.0.mlp.experts"
+        ours = sorted(self.expert_modules)
+        if ours and not any(m.endswith("." + suffix) for m in ours):
+            raise ValueError(f"sketchtune: vLLM names this model's mixture-of-experts blocks like {prefix!r}, but the "
+                             f"checkpoint sketched {ours[0]!r}, …: serving this architecture's sketched experts with "
+                             "vLLM is not supported (its module names differ from transformers')")
+        return False
 
 
 class SketchTuneLinearMethod(LinearMethodBase):
@@ -160,6 +196,74 @@ class SketchTuneEmbeddingMethod(QuantizeMethodBase):
         layer.weight, layer.codebook = embed_tokens.weight, embed_tokens.codebook
         layer.sketch_in_features = embed_tokens.sketch_in_features
         return layer
+
+
+class SketchTuneMoEMethod(FusedMoEMethodBase):
+    """Every expert of a routed MoE block as packed codes + codebooks; ``apply`` runs ``sketchtune::experts``."""
+
+    #: The checkpoint's per-expert keys, relative to the block (what vLLM's MoE runner hands its experts).
+    KEY = re.compile(r"(?:^|\.)(gate_up_proj|down_proj)\.(\d+)\.(weight|codebook)$")
+
+    def __init__(self, config: SketchTuneVllmConfig, moe: Any) -> None:
+        super().__init__(moe)
+        self.config = config
+
+    def create_weights(self, layer: torch.nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra: Any) -> None:
+        moe, bits, gpr = self.moe, self.config.bits, self.config.gpr
+        inter = intermediate_size_per_partition
+        if moe.moe_parallel_config.use_ep or num_experts != moe.num_experts or inter != moe.intermediate_size:
+            raise ValueError("sketchtune: sketched experts split across expert- or tensor-parallel ranks are not "
+                             "supported; serve with tensor_parallel_size=1 and without expert parallelism")
+        if not moe.is_act_and_mul or moe.activation.value != "silu" or moe.has_bias:
+            raise ValueError(f"sketchtune: sketched experts are served for SiLU-gated experts without bias; "
+                             f"{layer.layer_name} has activation {moe.activation.value!r}, bias={moe.has_bias}")
+        if getattr(layer, "apply_router_weight_on_input", False):
+            raise ValueError(f"sketchtune: {layer.layer_name} applies router weights on the input: not supported")
+        check_layout(bits, gpr, hidden_size)
+        check_layout(bits, gpr, inter)
+        k = 2**bits
+        shapes = {"w13_weight": ((num_experts, 2 * inter, packed_row_bytes(hidden_size, bits)), torch.uint8),
+                  "w13_codebook": ((num_experts, 2 * inter, gpr, k), params_dtype),
+                  "w2_weight": ((num_experts, hidden_size, packed_row_bytes(inter, bits)), torch.uint8),
+                  "w2_codebook": ((num_experts, hidden_size, gpr, k), params_dtype)}
+        for name, (shape, dtype) in shapes.items():
+            layer.register_parameter(name, torch.nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
+        layer.sketch_filled = set()
+        layer.load_weights = lambda weights: self.load_weights(layer, weights)  # the runner calls the layer's
+
+    def load_weights(self, layer: torch.nn.Module, weights):
+        """Copy ``gate_up_proj.<e>.weight`` (codes) / ``.codebook`` into expert e's slice of ``w13_*``, and
+        ``down_proj.<e>.…`` into ``w2_*``; yields the parameter names loaded (vLLM checks none is left empty)."""
+        for name, tensor in weights:
+            match = self.KEY.search(name)
+            if match is None:
+                raise ValueError(f"sketchtune: unexpected tensor {name!r} in sketched experts {layer.layer_name}")
+            proj, expert, kind = match.group(1), int(match.group(2)), match.group(3)
+            target = ("w13_" if proj == "gate_up_proj" else "w2_") + kind
+            param = getattr(layer, target)
+            if expert >= param.shape[0] or tuple(tensor.shape) != tuple(param.shape[1:]):
+                raise ValueError(f"sketchtune: {layer.layer_name}.{name} has shape {tuple(tensor.shape)}, expected "
+                                 f"{tuple(param.shape[1:])} for expert {expert} of {param.shape[0]}")
+            param.data[expert].copy_(tensor)
+            layer.sketch_filled.add((target, expert))
+            yield target
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        experts = layer.w13_weight.shape[0]
+        missing = [f"{t}[{e}]" for t in ("w13_weight", "w13_codebook", "w2_weight", "w2_codebook")
+                   for e in range(experts) if (t, e) not in layer.sketch_filled]
+        if missing:
+            raise ValueError(f"sketchtune: the checkpoint lacks {', '.join(missing[:4])} of {layer.layer_name}")
+
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> None:
+        return None  # no vLLM fused-MoE kernel runs these weights
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts: Any = None, shared_experts_input: torch.Tensor | None = None) -> torch.Tensor:
+        run = ops.experts if torch.compiler.is_compiling() else ops.experts_forward
+        return run(x, topk_weights, topk_ids, layer.w13_weight, layer.w13_codebook, layer.w2_weight,
+                   layer.w2_codebook, self.config.bits)
 
 
 def register() -> None:
