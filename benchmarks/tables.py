@@ -280,6 +280,8 @@ def render(include_partial: bool = True) -> str:
     for task in ("math", "commonsense"):
         if (d := _load(f"finetune_{task}.json")) is not None and d["rows"]:
             parts.append(finetune(d, task))
+    if (d := _load("finetune_commonsense_healed.json")) is not None and d["rows"]:
+        parts.append(finetune(d, "commonsense, healed vs unhealed INT4 GPR 4 base (issue #13)"))
     for task in ("commonsense", "math"):
         d = _load(f"finetune_evidence_{task}.json")
         if d is not None and d.get("units") and (include_partial or evidence_complete(d)):

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sketchtune
@@ -174,6 +175,14 @@ def test_moe_every_expert_matrix_sketched(name, tok, tmp_path):
     assert set(report.left_dense) == {f"model.layers.{i}.mlp.gate.weight" for i in range(3)}  # routers only
     assert all("router" in why for why in report.left_dense.values())
     sketchtune.save(sketched, tok, tmp_path / name, dtype="float32")
+    # Stored under the hub's module names, as transformers' own save of the dense model (vLLM's model code uses
+    # them: Mixtral's block_sparse_moe), with the sketched experts per expert under their own keys.
+    model.save_pretrained(tmp_path / f"{name}-dense")
+    stored, dense = (set(safe_open(str(d / "model.safetensors"), "pt").keys())
+                     for d in (tmp_path / name, tmp_path / f"{name}-dense"))
+    assert {k for k in stored if k.endswith(".gate.weight")} == {k for k in dense if k.endswith(".gate.weight")}
+    block = next(k for k in dense if k.endswith(".gate.weight")).removesuffix(".gate.weight")
+    assert f"{block}.experts.gate_up_proj.0.codebook" in stored and f"{block}.experts.down_proj.3.weight" in stored
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()
     ids = torch.arange(5, 45)[None]
     with torch.no_grad():

@@ -5,8 +5,8 @@ vLLM pins its own transformers, so it usually lives in another environment: the 
 in this interpreter when vLLM imports here, and is skipped, saying so, when neither has vLLM. The model is a
 random-weight Llama built here with head_dim 64 (vLLM's CPU attention refuses the bundled model's 16), so
 log-probabilities are compared, not just greedy tokens — in four variants: dense embeddings, sketched
-embeddings with a tied and with an untied head, and a Qwen3-MoE model whose experts are sketched (vLLM routes,
-``sketchtune::experts`` runs them).
+embeddings with a tied and with an untied head, and Qwen3-MoE and Mixtral models whose experts are sketched
+(vLLM routes, ``sketchtune::experts`` runs them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MixtralConfig, Qwen3MoeConfig
 
 import sketchtune
 from sketchtune.bundled import BUNDLED_MODEL
@@ -42,12 +42,14 @@ pytestmark = pytest.mark.skipif(vllm_python() is None, reason="vLLM is not insta
 
 #: (config class, tie_word_embeddings, sketch_model options): a dense untied head, a sketched tied table (one
 #: table for lookups and logits), a sketched untied pair in a layout of its own (INT3 GPR 2, layers INT4 GPR 4),
-#: and a mixture-of-experts model (4 experts, top 2) with every expert sketched.
+#: and two mixture-of-experts models (4 experts, top 2) with every expert sketched: Qwen3-MoE, and Mixtral, whose
+#: blocks transformers calls ``mlp`` and its checkpoints and vLLM ``block_sparse_moe`` (sketchtune.naming).
 VARIANTS = {"dense-embeddings": (LlamaConfig, False, {}), "sketched-tied": (LlamaConfig, True, {"embeddings": True}),
             "sketched-untied": (LlamaConfig, False, {"embeddings": True, "embedding_bits": 3, "embedding_gpr": 2}),
-            "moe-experts": (Qwen3MoeConfig, False, {})}
-MOE = {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
-       "decoder_sparse_step": 1, "norm_topk_prob": True}
+            "moe-qwen3": (Qwen3MoeConfig, False, {}), "moe-mixtral": (MixtralConfig, False, {})}
+MOE = {Qwen3MoeConfig: {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+                        "decoder_sparse_step": 1, "norm_topk_prob": True},
+       MixtralConfig: {"num_local_experts": 4, "num_experts_per_tok": 2}}
 
 
 def sketch_variant(name: str, out: Path) -> Path:
@@ -56,11 +58,11 @@ def sketch_variant(name: str, out: Path) -> Path:
     config = config_cls(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                         tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                        **(MOE if config_cls is Qwen3MoeConfig else {}))
+                        **MOE.get(config_cls, {}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     sketchtune.sketch_model(model, tok, calib="c4", nsamples=4, seqlen=64, bits=4, gpr=4, progress=False, **options)
-    if config_cls is Qwen3MoeConfig:
+    if config_cls in MOE:
         assert model.config.quantization_config.expert_modules  # the experts are sketched, not left dense
     sketchtune.save(model, tok, out, dtype="float32")
     return out

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from .errors import SketchError
 from .hf_integration import check_embeddings_spec, register
 from .layout import check_format_version, check_layout
+from .naming import model_key
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -163,9 +164,19 @@ def weight_files(path: Path, what: str = "corrupt checkpoint") -> list[Path]:
     return [path / "model.safetensors"]
 
 
+def model_type_of(path: str | os.PathLike) -> str | None:
+    """config.json's ``model_type`` (what :mod:`.naming` needs), or None where there is none to read."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[str, list[int]]]:
-    """Every tensor's (dtype, shape) across the checkpoint's safetensors files, reading headers only."""
+    """Every tensor's (dtype, shape) across the checkpoint's safetensors files, reading headers only; keyed by
+    in-memory names (:func:`.naming.model_key`), as ``quantization_config`` names modules."""
     path = Path(path)
+    model_type = model_type_of(path)
     found: dict[str, tuple[str, list[int]]] = {}
     for f in weight_files(path):
         if not f.is_file():
@@ -174,7 +185,7 @@ def checkpoint_tensors(path: str | os.PathLike) -> dict[str, tuple[str, list[int
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
                     sl = st.get_slice(key)
-                    found[key] = (sl.get_dtype(), list(sl.get_shape()))
+                    found[model_key(key, model_type)] = (sl.get_dtype(), list(sl.get_shape()))
         except Exception as e:  # safetensors raises its own error types for truncation / bad headers
             raise SketchError(f"corrupt checkpoint: cannot read {f.name} ({str(e).splitlines()[0]})") from None
     return found

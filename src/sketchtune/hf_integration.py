@@ -13,13 +13,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .architecture import projection_shape, set_submodule
 from .errors import SketchError
 from .experts import empty_like as empty_experts_like
 from .layout import FORMAT_VERSION, check_format_version, check_layout
+from .naming import save_renamings
 from .sketched_embedding import SketchedEmbedding
 from .sketched_linear import SketchedLinear
 from .version import __version__
@@ -178,8 +183,8 @@ def attach_config(model: torch.nn.Module, config: SketchTuneConfig) -> None:
 def _keep_our_keys(model: torch.nn.Module) -> None:
     """Save sketched modules under their own keys: transformers would otherwise "revert" fused MoE experts into a
     hub layout (per-expert w1/w2/w3) on every ``save_pretrained`` — including Trainer checkpoints — which cannot
-    split packed codes. An empty conversion list makes that revert a no-op."""
-    model._weight_conversions = []
+    split packed codes. Only its key renamings are kept (undone on save, as for a dense model: :mod:`.naming`)."""
+    model._weight_conversions = save_renamings(model)
 
 
 def replace_with_sketched(model: torch.nn.Module, config: SketchTuneConfig) -> None:
@@ -238,7 +243,10 @@ class SketchTuneHfQuantizer(HfQuantizer):
 
 def register() -> None:
     """Idempotent registration with transformers' quantizer registry."""
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+    )
 
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(SketchTuneConfig)

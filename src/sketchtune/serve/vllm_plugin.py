@@ -21,9 +21,10 @@ Sketched mixture-of-experts blocks (``expert_modules``) get :class:`SketchTuneMo
 experts: every expert's codes and codebooks stacked as ``w13_*`` (gate rows, then up) and ``w2_*``, filled by
 its own loader from the checkpoint's per-expert keys (``<block>.gate_up_proj.<e>.weight`` / ``.codebook``,
 which vLLM's expert mapping does not know), and ``apply`` runs ``sketchtune::experts`` on vLLM's routing.
-vLLM's router and shared experts run as they do for any model. Architectures whose vLLM module names differ
-from transformers' (Mixtral's ``block_sparse_moe``) are refused with a clear error, as are expert parallelism
-and tensor-parallel splits of the experts.
+vLLM's router and shared experts run as they do for any model. Module names are compared as the checkpoint
+stores them (:mod:`sketchtune.naming`: Mixtral's ``block_sparse_moe``, as in vLLM, not transformers'
+in-memory ``mlp``); a block still named otherwise by vLLM is refused with a clear error, as are expert
+parallelism and tensor-parallel splits of the experts.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from ..hf_integration import QUANT_METHOD, check_embeddings_spec
 from ..kernels import ops
 from ..layout import check_layout, dequantize_codes, packed_row_bytes, unpack_codes
+from ..naming import stored_key
 
 
 class SketchTuneVllmConfig(QuantizationConfig):
@@ -82,6 +84,13 @@ class SketchTuneVllmConfig(QuantizationConfig):
     @staticmethod
     def get_config_filenames() -> list[str]:
         return []  # read from config.json's quantization_config
+
+    def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+        """Module names as the checkpoint stores them, which is how vLLM's model code names its modules (e.g.
+        Mixtral's ``block_sparse_moe``, ``mlp`` in transformers' memory and so in ``quantization_config``)."""
+        model_type = getattr(hf_config, "model_type", None)
+        self.modules = {stored_key(m, model_type) for m in self.modules}
+        self.expert_modules = {stored_key(m, model_type) for m in self.expert_modules}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> SketchTuneVllmConfig:
@@ -201,8 +210,9 @@ class SketchTuneEmbeddingMethod(QuantizeMethodBase):
 class SketchTuneMoEMethod(FusedMoEMethodBase):
     """Every expert of a routed MoE block as packed codes + codebooks; ``apply`` runs ``sketchtune::experts``."""
 
-    #: The checkpoint's per-expert keys, relative to the block (what vLLM's MoE runner hands its experts).
-    KEY = re.compile(r"(?:^|\.)(gate_up_proj|down_proj)\.(\d+)\.(weight|codebook)$")
+    #: The checkpoint's per-expert keys, relative to the block (what vLLM's MoE runner hands its experts);
+    #: ``w2`` is ``down_proj`` after vLLM's Mixtral weight mapper (``.down_proj.`` → ``.w2.``).
+    KEY = re.compile(r"(?:^|\.)(gate_up_proj|down_proj|w2)\.(\d+)\.(weight|codebook)$")
 
     def __init__(self, config: SketchTuneVllmConfig, moe: Any) -> None:
         super().__init__(moe)

@@ -31,6 +31,7 @@ from torch import nn
 from ..architecture import find_decoder_layers
 from ..checkpoint import DTYPES, check_output_dir, weight_files, write_atomically
 from ..errors import SketchError
+from ..naming import stored_key
 from .calibration import map_large_allocations, return_freed_memory
 from .progress import layer_path
 
@@ -195,12 +196,15 @@ def write_streamed_checkpoint(
     def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
 
+    model_type = getattr(model.config, "model_type", None)
+
     def write(tmp: Path) -> None:
         weight_map: dict[str, str] = {}
         total = 0
 
         def shard(number: int, tensors: dict[str, torch.Tensor]) -> None:
             nonlocal total
+            tensors = {stored_key(k, model_type): t for k, t in tensors.items()}  # as save_pretrained names them
             name = f"model-{number:05d}-of-{n:05d}.safetensors"
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, name))

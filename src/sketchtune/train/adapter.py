@@ -17,8 +17,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import weight_files
+from ..checkpoint import model_type_of, weight_files
 from ..errors import SketchError
+from ..naming import model_key
 from ..sketched_linear import SketchedLinear
 
 WEIGHTS_NAME = "sketch_adapter.safetensors"
@@ -75,20 +76,21 @@ def checkpoint_codes_fingerprint(path: str | os.PathLike, names: list[str]) -> s
 
     Reads only the ``<module>.weight`` tensors of ``names``, so it is cheap even for a Trainer checkpoint.
     """
-    where: dict[str, Path] = {}
+    where: dict[str, tuple[Path, str]] = {}  # in-memory key → (file, stored key)
+    model_type = model_type_of(path)
     for f in weight_files(Path(path)):
         if not f.is_file():
             return None
         with safe_open(str(f), framework="pt") as st:
-            where.update({k: f for k in st.keys()})
+            where.update({model_key(k, model_type): (f, k) for k in st.keys()})
     h = hashlib.sha256()
     for name in sorted(names):
-        f = where.get(f"{name}.weight")
+        f, key = where.get(f"{name}.weight", (None, None))
         if f is None:
             return None
         with safe_open(str(f), framework="pt") as st:
             h.update(name.encode())
-            h.update(st.get_tensor(f"{name}.weight").contiguous().numpy().tobytes())
+            h.update(st.get_tensor(key).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
