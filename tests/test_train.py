@@ -152,6 +152,35 @@ def test_cli_train_then_generate_with_adapter(capsys, sketched_dir, tmp_path):
     assert main(["train", str(sketched_dir), "--data", "/no/such.json", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_apply_adapter_writes_the_tuned_model_as_one_checkpoint(capsys, sketched_dir, tmp_path):
+    """``apply-adapter`` merges a run's codebooks into a full sketched checkpoint (what vLLM loads): the same
+    logits as base + adapter, the base's codes untouched; a foreign adapter or an occupied --out is refused."""
+    from sketchtune.cli import main
+
+    assert main(["train", str(sketched_dir), "--data", "tinystories", "--out", str(tmp_path / "r"), "--max-steps",
+                 "3", "--cutoff-len", "32", "--learning-rate", "1e-2", "--device", "cpu"]) == 0
+    assert main(["apply-adapter", str(sketched_dir), str(tmp_path / "r"), "--out", str(tmp_path / "full"),
+                 "--dtype", "float32"]) == 0
+    merged, _ = sketchtune.load(tmp_path / "full", dtype=torch.float32)
+    base, _ = sketchtune.load(sketched_dir, dtype=torch.float32)
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        before = base(ids).logits
+        load_adapter(base, tmp_path / "r")
+        torch.testing.assert_close(merged(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(before, merged(ids).logits.detach())
+    for (name, a), (_, b) in zip(merged.named_modules(), base.named_modules()):
+        if hasattr(a, "codebook"):
+            assert torch.equal(a.weight, b.weight), name  # packed codes are the base's
+    capsys.readouterr()
+    assert main(["apply-adapter", str(sketched_dir), str(tmp_path / "r"), "--out", str(tmp_path / "full")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "sketch_adapter.safetensors").write_bytes(b"not safetensors")
+    assert main(["apply-adapter", str(sketched_dir), str(tmp_path / "other"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()  # nothing written for a bad adapter
+
+
 def test_trl_sft_trainer_trains_only_codebooks(base, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset

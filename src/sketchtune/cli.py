@@ -192,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--out", default="delta-analysis", help="directory for delta_analysis.json and the plots")
     ad.add_argument("--no-plots", action="store_true", help="skip the PNG plots (and the matplotlib requirement)")
 
+    ap = command("apply-adapter", "write BASE with a sketch adapter's codebooks as a full sketched checkpoint "
+                                  "(what vLLM and other tools load)")
+    ap.add_argument("base", help="the sketched checkpoint the adapter was trained on")
+    ap.add_argument("adapter", help="sketch adapter: a train run directory or its sketch_adapter.safetensors")
+    ap.add_argument("--out", required=True, help="directory for the full sketched checkpoint")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                    help="dtype of codebooks and dense tensors in the output (default: the base's)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing sketched checkpoint at --out")
+
     gen = command("generate", "generate text")
     gen.add_argument("model", help="HF / sketched directory, .gguf file or hub id")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (the instruction with --template alpaca)")
@@ -337,6 +346,13 @@ def cmd_heal(args) -> None:
     print(f"KL to the teacher on {job.eval_tokens:,} held-out tokens: {job.kl_before:.4f} -> {job.kl_after:.4f}")
 
 
+def cmd_apply_adapter(args) -> None:
+    from .workflows import apply_adapter_job
+
+    out = apply_adapter_job(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}: {args.base} with the codebooks of {args.adapter}")
+
+
 def cmd_generate(args) -> None:
     from .workflows import generate_job
 
@@ -415,6 +431,7 @@ def cmd_eval_tasks(args) -> None:
 COMMANDS = {
     "sketch": cmd_sketch, "ppl": cmd_ppl, "info": cmd_info, "train": cmd_train, "eval-tasks": cmd_eval_tasks,
     "analyze-delta": cmd_analyze_delta, "generate": cmd_generate, "heal": cmd_heal,
+    "apply-adapter": cmd_apply_adapter,
 }
 
 

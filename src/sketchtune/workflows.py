@@ -335,6 +335,21 @@ def eval_tasks_job(
     return results
 
 
+def apply_adapter_job(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike, *,
+                      dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``base`` with ``adapter``'s codebooks as an ordinary sketched checkpoint at ``out``.
+
+    An adapter is only codebooks over a base's shared codes; tools that load one checkpoint (vLLM,
+    ``from_pretrained``) need them merged. The adapter is checked against the base's codes first (it refuses a
+    different base), ``out`` is checked before anything is loaded, and the write is atomic."""
+    from .train.adapter import load_adapter
+
+    check_output_dir(out, overwrite)
+    model, tok = load(base, dtype=dtype or "auto")  # in the output dtype: codebooks are rounded once, on copy
+    load_adapter(model, adapter)
+    return save(model, tok, out, dtype=dtype, overwrite=overwrite)
+
+
 def generate_job(
     model: str, prompt: str = DEFAULT_PROMPT, *, adapter: str | None = None, template: str = "none",
     input: str = "", max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,  # noqa: A002
