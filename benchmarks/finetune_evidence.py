@@ -505,7 +505,11 @@ def analyze(state: dict, methods: list[str], args) -> dict:
             })
         out["methods"][m] = entry
     for sk in [m for m in methods if kind_of(m) == "sketchtune"]:
-        for other in [m for m in methods if kind_of(m) != "sketchtune"]:
+        # Each baseline, and for a healed sketch its unhealed self (does healing help the fine-tune? #13).
+        others = [m for m in methods if kind_of(m) != "sketchtune"]
+        if sk.endswith("-healed") and sk.removesuffix("-healed") in methods:
+            others = [sk.removesuffix("-healed"), *others]
+        for other in others:
             seeds = sorted(set(mains.get(sk, {})) & set(mains.get(other, {})))
             if not seeds:
                 continue
