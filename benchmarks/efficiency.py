@@ -233,16 +233,18 @@ def ttft_s(model: nn.Module, prompt: int, args) -> float:
         return timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1))
 
 
-def make_train_step(model: nn.Module, args) -> Callable[[], float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def make_train_step(model: nn.Module, args, optimize: bool = True) -> Callable[[], float]:
+    """Seconds of one step on a fixed batch; ``optimize=False`` times forward + backward only (no AdamW)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5) if optimize else None
     ids = torch.randint(0, args.vocab, (1, args.train_seq), generator=torch.Generator().manual_seed(0))
 
     def step() -> float:
         model.train()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+        if opt is not None:
+            opt.step()
         return time.perf_counter() - t0
 
     return step
@@ -366,16 +368,7 @@ def bench_model(args) -> dict:
         for lin in layer.modules():
             if isinstance(lin, nn.Linear):
                 lin.weight.requires_grad_(True)
-    floor_ids = torch.randint(0, args.vocab, (1, args.train_seq), generator=torch.Generator().manual_seed(0))
-
-    def floor_step() -> float:
-        floor_model.train()
-        t0 = time.perf_counter()
-        floor_model.zero_grad(set_to_none=True)
-        floor_model(input_ids=floor_ids, labels=floor_ids).loss.backward()
-        return time.perf_counter() - t0
-
-    steps[GRAD_FLOOR] = floor_step
+    steps[GRAD_FLOOR] = make_train_step(floor_model, args, optimize=False)
     for s in steps.values():
         s()  # warm-up: optimizer state allocation, first-call overheads
     r = interleave(steps, args.rounds)

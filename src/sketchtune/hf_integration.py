@@ -13,11 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.quantizers import (
-    HfQuantizer,
-    register_quantization_config,
-    register_quantizer,
-)
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .architecture import projection_shape, set_submodule
@@ -243,10 +239,7 @@ class SketchTuneHfQuantizer(HfQuantizer):
 
 def register() -> None:
     """Idempotent registration with transformers' quantizer registry."""
-    from transformers.quantizers.auto import (
-        AUTO_QUANTIZATION_CONFIG_MAPPING,
-        AUTO_QUANTIZER_MAPPING,
-    )
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(SketchTuneConfig)

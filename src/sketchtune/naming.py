@@ -20,29 +20,28 @@ from functools import cache
 import torch
 
 
-def _renamings(transforms) -> list:
+def _renamings(model_type: str | None) -> list:
+    """transformers' mapping for ``model_type`` less its converters (which would split fused tensors) and prefix
+    changes; fresh objects on every call (transformers keeps state on them while it saves)."""
+    if not model_type:
+        return []
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import PrefixChange, WeightRenaming
 
-    return [t for t in transforms or [] if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
+    transforms = get_checkpoint_conversion_mapping(model_type) or []
+    return [t for t in transforms if isinstance(t, WeightRenaming) and not isinstance(t, PrefixChange)]
 
 
 def save_renamings(model: torch.nn.Module) -> list:
-    """The renamings ``save_pretrained`` should undo for ``model``: transformers' mapping for its ``model_type``
-    less the converters (which would split fused tensors) and prefix changes. Taken by ``model_type`` — not from
-    the model's classes, which add a few more (GPT-NeoX's ``embed_out``) — so that :func:`model_key`, which has
-    only config.json to go by, inverts exactly what was applied."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    return _renamings(get_checkpoint_conversion_mapping(getattr(model.config, "model_type", None)))
+    """The renamings ``save_pretrained`` should undo for ``model``. Taken by ``model_type`` — not from the model's
+    classes, which add a few more (GPT-NeoX's ``embed_out``) — so that :func:`model_key`, which has only
+    config.json to go by, inverts exactly what was applied."""
+    return _renamings(getattr(model.config, "model_type", None))
 
 
 @cache
 def _forward(model_type: str | None) -> tuple:
-    if not model_type:
-        return ()
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    return tuple(_renamings(get_checkpoint_conversion_mapping(model_type)))
+    return tuple(_renamings(model_type))
 
 
 @cache

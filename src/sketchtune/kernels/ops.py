@@ -287,10 +287,9 @@ def experts_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
     its tokens picked, and no expert's Ŵ is kept. The same computation as :class:`sketchtune.experts.SketchedExperts`,
     which routes with transformers' router; this op takes the engine's routing instead.
     """
-    hidden, inter = x.shape[-1], gate_up.shape[1] // 2
+    hidden, inter, top_k = x.shape[-1], gate_up.shape[1] // 2, topk_ids.shape[-1]
     out = torch.zeros_like(x)
-    flat = topk_ids.reshape(-1).long()
-    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[-1])
+    flat = topk_ids.reshape(-1).long()  # entry i is token i // top_k's choice
     weight = topk_weights.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
@@ -300,7 +299,7 @@ def experts_forward(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
             continue
         pick = order[start:start + n]
         start += n
-        rows = token[pick]
+        rows = pick // top_k
         h = linear_forward(x[rows], gate_up[expert], gate_up_codebook[expert], None, bits, hidden)
         gate, up = h.chunk(2, dim=-1)
         y = linear_forward(torch.nn.functional.silu(gate) * up, down[expert], down_codebook[expert], None, bits,
