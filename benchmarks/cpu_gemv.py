@@ -2,8 +2,10 @@
 
 Random codes and codebooks (speed does not depend on the values). For each shape, thread count, bit width and
 GPR: the median time of dense ``F.linear`` in fp32 and in bf16 (Ŵ materialised once, as the dense-Ŵ cache
-holds it), of bitsandbytes' NF4 ``Linear4bit`` (fp32 compute, its CPU inference path), and of the native
-kernel straight from the packed codes with its AVX-512 and AVX2 bodies, plus the bytes each keeps resident.
+holds it), of bitsandbytes' NF4 ``Linear4bit`` (fp32 compute asked for; its CPU kernel converts x to bf16 and
+computes in bf16), and of the native kernels straight from the packed codes: the fp32 GEMV with its AVX-512 and
+AVX2 bodies, and (``bf16_gemv``) the bf16 GEMV on bf16 x where the CPU has AVX512-BF16 — the arithmetic NF4's
+kernel does — plus the bytes each keeps resident.
 Every method of a shape is timed round-robin in the same loop, so they share the machine's conditions; ratios
 > 1 mean the kernel is faster. ``--plot`` draws decode time against layer size (PNG beside the JSON).
 
@@ -61,7 +63,8 @@ def plot(rows: list[dict], path: Path) -> None:
         sel = sorted((r for r in rows if r["threads"] == threads and r["gpr"] == 1), key=lambda r: r["out"] * r["in"])
         for key, label, bits in (("dense_fp32_ms", "dense fp32", 4), ("dense_bf16_ms", "dense bf16", 4),
                                  ("nf4_ms", "bitsandbytes NF4", 4), ("avx512_ms", "sketch INT4", 4),
-                                 ("avx512_ms", "sketch INT3", 3), ("avx512_ms", "sketch INT2", 2)):
+                                 ("avx512_ms", "sketch INT3", 3), ("avx512_ms", "sketch INT2", 2),
+                                 ("bf16_gemv_ms", "sketch INT4, bf16 x", 4)):
             pts = [(r["out"] * r["in"] / 1e6, r[key]) for r in sel if r["bits"] == bits and key in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
@@ -104,6 +107,8 @@ def main() -> None:
                     for name, isa in (("avx512", 2), ("avx2", 1)):
                         if ext.cpu_isa() >= isa:
                             fns[name] = lambda isa=isa: ext.lut_gemv(x, packed, codebook, bits, inp, isa)
+                    if ext.bf16_gemv_fits(inp, gpr):
+                        fns["bf16_gemv"] = lambda: ext.linear_bf16_gemv(x_bf16, packed, codebook, bits, inp)
                     with torch.no_grad():
                         ms = interleaved_ms(fns, args.repeat)
                     row = {"out": out, "in": inp, "bits": bits, "gpr": gpr, "threads": threads,
@@ -111,7 +116,7 @@ def main() -> None:
                            "dense_fp32_bytes": dense.numel() * 4, "dense_bf16_bytes": dense.numel() * 2,
                            "nf4_bytes": dense.numel() // 2 + dense.numel() // 64 * 4 if nf4 is not None else None,
                            "sketch_bytes": packed.numel() + codebook.numel() * 4}
-                    for name in ("avx512", "avx2"):
+                    for name in ("avx512", "avx2", "bf16_gemv"):
                         if f"{name}_ms" in row:
                             for base in ("dense_fp32", "dense_bf16", "nf4"):
                                 if f"{base}_ms" in row:
@@ -121,7 +126,7 @@ def main() -> None:
                           f"bf16 {ms['dense_bf16']:7.3f}  " + (f"nf4 {ms['nf4']:7.3f}  " if "nf4" in ms else "")
                           + "  ".join(f"{n} {ms[n]:7.3f} ({row[n + '_vs_dense_fp32']:.2f}x fp32"
                                       + (f", {row[n + '_vs_nf4']:.2f}x nf4)" if "nf4" in ms else ")")
-                                      for n in ("avx512", "avx2") if n in ms), flush=True)
+                                      for n in ("avx512", "avx2", "bf16_gemv") if n in ms), flush=True)
     write_json(args.out, {"benchmark": "cpu_gemv", "machine": machine_meta(), "repeat": args.repeat, "rows": rows})
     if args.plot:
         plot(rows, Path(args.out).with_suffix(".png"))

@@ -1,13 +1,14 @@
 """End-to-end CPU generation on SmolLM2-135M: the sketched model against dense fp32, dense bf16 and bnb NF4.
 
-What ``sketchtune generate`` does (``model.generate``, greedy), timed for ``--new-tokens`` tokens after a
-short warm-up, each variant in a fresh child process so that its memory is its own: resident memory (RSS
-from the OS) after loading, the peak RSS during the timed generation, and the bytes of the weights held.
-Variants run round-robin for ``--rounds`` rounds; the medians are reported with ratios against dense fp32
-and bf16. Sketched models run on the default CPU path (the C++ kernels, no dense-Ŵ cache); ``sketch+cache``
-is the same checkpoint with the opt-in dense-Ŵ cache; ``sketch-emb`` is ``--sketched-embeddings``, the sketch
-with its token embedding / LM head sketched too (``--sketch-embeddings``; pass the pair made from one decoder
-sketch, as ``benchmarks/serve.py``'s cache holds). ``llama.cpp`` runs the GGUF file itself (Q4_1) through
+What ``sketchtune generate`` does (``model.generate``, greedy), timed for ``--new-tokens`` tokens after a short
+warm-up, each variant in a fresh child process so that its memory is its own: resident memory (RSS from the OS)
+after loading, the peak RSS during the timed generation, and the bytes of the weights held. Variants run
+round-robin for ``--rounds`` rounds; the medians are reported with ratios against dense fp32 and bf16. Sketched
+models run on the default CPU path (the C++ kernels, no dense-Ŵ cache); ``sketch+cache`` is the same checkpoint
+with the opt-in dense-Ŵ cache; ``sketch-bf16`` the same checkpoint loaded in bf16 (its one-token layers on the bf16
+GEMV where the CPU has AVX512-BF16; not in the default list); ``sketch-emb`` is ``--sketched-embeddings``, the
+sketch with its token embedding / LM head sketched too (``--sketch-embeddings``; pass the pair made from one
+decoder sketch, as ``benchmarks/serve.py``'s cache holds). ``llama.cpp`` runs the GGUF file itself (Q4_1) through
 ``llama-cpp-python`` at the same thread count: the reference for what a CPU runtime reaches.
 
     python benchmarks/generate_cpu.py --data-dir ../shared/data --threads 1
@@ -72,7 +73,7 @@ def child(args) -> dict:
         if variant == "sketch+cache":
             os.environ["SKETCHTUNE_KERNELS"] = "cache"
         path = args.sketched_embeddings if variant == "sketch-emb" else args.sketched
-        model, tok = sketchtune.load(path, dtype=torch.float32)
+        model, tok = sketchtune.load(path, dtype=torch.bfloat16 if variant == "sketch-bf16" else torch.float32)
     else:
         model, tok = load_model(args.model, dtype=torch.bfloat16 if variant == "dense-bf16" else torch.float32)
         if variant == "nf4":

@@ -195,7 +195,8 @@ def generate_cpu(d: dict, name: str = "generate_cpu.json") -> str:
             f"{d['machine']['threads']} thread, fresh process per variant, median of {d['rounds']} rounds; RSS in MiB "
             "above the interpreter; `sketch` is INT4 GPR 1 on the C++ kernels, `sketch+cache` the same with the "
             "opt-in dense-Ŵ cache, `sketch-emb` the same decoder sketch with its embedding table / LM head sketched "
-            "too (`--sketch-embeddings`), `llama.cpp` the GGUF file (Q4_1) through llama-cpp-python. "
+            "too (`--sketch-embeddings`), `sketch-bf16` the sketch loaded in bf16, `llama.cpp` the GGUF file (Q4_1) "
+            "through llama-cpp-python. "
             f"CPU: {d['machine'].get('cpu_model', _EARLIER_CPU)}.\n\n"
             + _table(["variant", "tokens/s", "vs fp32", "vs bf16", "weights MiB", "RSS loaded", "peak RSS generating"],
                      body))
@@ -220,10 +221,28 @@ def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
                              f"{r['avx512_vs_dense_fp32']:.2f}× / {r['avx512_vs_dense_bf16']:.2f}× / "
                              + (f"{r['avx512_vs_nf4']:.2f}×" if "avx512_vs_nf4" in r else "—"))
             body.append([str(threads), f"{out}×{inp}"] + cells)
-    return (f"**CPU decode GEMV** (`{name}`, {cpu}, one token, AVX-512, medians of round-robin calls) — speed-up "
+    text = (f"**CPU decode GEMV** (`{name}`, {cpu}, one token, AVX-512, medians of round-robin calls) — speed-up "
             "of the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
             f"sketch is faster). AVX2 rows and bytes are in the JSON; `{name[:-5]}.png` plots the times.\n\n"
             + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
+    if any("bf16_gemv_ms" in r for r in rows):
+        body = []
+        for threads in sorted({r["threads"] for r in rows}):
+            for out, inp in dict.fromkeys((r["out"], r["in"]) for r in rows):
+                cells = []
+                for bits, gpr in configs:
+                    r = next((r for r in rows if (r["threads"], r["out"], r["in"], r["bits"], r["gpr"])
+                              == (threads, out, inp, bits, gpr)), None)
+                    cells.append("—" if r is None or "bf16_gemv_ms" not in r else
+                                 f"{r['bf16_gemv_vs_dense_bf16']:.2f}× / "
+                                 + (f"{r['bf16_gemv_vs_nf4']:.2f}×" if "bf16_gemv_vs_nf4" in r else "—"))
+                body.append([str(threads), f"{out}×{inp}"] + cells)
+        text += ("\n\nThe same with bf16 activations on the bf16 GEMV (`bf16_gemv.cpp`: bf16 Ŵ × bf16 x, fp32 "
+                 "accumulation — the arithmetic bitsandbytes' NF4 CPU kernel does) — speed-up over dense bf16 "
+                 "`F.linear` / bitsandbytes NF4 (— where the groups are not a multiple of 16 columns: those layers "
+                 "keep the fp32 GEMV).\n\n"
+                 + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
+    return text
 
 
 def cpu_batched(d: dict, name: str = "cpu_batched.json") -> str:
@@ -289,7 +308,7 @@ def render(include_partial: bool = True) -> str:
     for name in ("efficiency_cpu.json", "efficiency_cpu_xeon.json"):
         if (d := _load(name)) is not None:
             parts.append(efficiency(d, name))
-    for name in ("generate_cpu.json", "generate_cpu_xeon.json"):
+    for name in ("generate_cpu.json", "generate_cpu_quiet.json", "generate_cpu_xeon.json"):
         if (d := _load(name)) is not None:
             parts.append(generate_cpu(d, name))
     for name in ("cpu_gemv.json", "cpu_gemv_xeon.json"):

@@ -171,22 +171,26 @@ def test_native_perplexity_equals_reference(sketched_dir, monkeypatch):
     assert all(m.dense_cache.weight is None for m in model.modules() if isinstance(m, sketchtune.SketchedLinear))
 
 
+@pytest.mark.parametrize("gpr", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype):
-    """Batched decoding (vLLM serving several requests) and short prompts: up to ``gemv_tokens`` tokens the GEMV
-    (16 for fp32; for bf16 3 where the AMX kernel runs, else 4 where the batched bf16 kernel exists), then bf16
-    inputs up to 64 tokens the AMX kernel or up to 32 the bf16 dot kernel, everything else the tiles. The C++
-    dispatcher (``linear_cpu``) is checked to run the kernel it names — its output equals that kernel's, bit for
-    bit — and each with the reference's numbers, bias included."""
+def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype, gpr):
+    """Batched decoding (vLLM serving several requests) and short prompts: up to ``gemv_tokens`` tokens a GEMV
+    (16 for fp32; for bf16 3 where the AMX kernel runs, else 4 where the batched bf16 kernel exists) — for bf16 the
+    bf16 GEMV where the CPU has it and groups are a multiple of 16 columns (GPR 4 of 576: 144), else the fp32 one
+    (GPR 8: 72) — then bf16 inputs up to 64 tokens the AMX kernel or up to 32 the bf16 dot kernel, everything
+    else the tiles. The C++ dispatcher (``linear_cpu``) is checked to run the kernel it names — its output equals
+    that kernel's, bit for bit — and each with the reference's numbers, bias included."""
     monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
-    packed, codebook = layer(4, 4, 576, out=40)
+    packed, codebook = layer(4, gpr, 576, out=40)
     bias = torch.randn(40)
     w = layout.dequantize(packed, codebook, 4, 576)
     gemv_max = cpu_kernels.gemv_tokens(dtype)
     dot = dtype == torch.bfloat16 and cpu_kernels.bf16_dot()
     amx = dtype == torch.bfloat16 and cpu_kernels.amx()
+    bf16_gemv = dtype == torch.bfloat16 and cpu_kernels.bf16_gemv(576, gpr)
     isa = cpu_kernels.isa()
     direct = {"gemv": lambda x: ext.lut_gemv(x, packed, codebook, 4, 576, isa).to(dtype),
+              "bf16_gemv": lambda x: ext.linear_bf16_gemv(x, packed, codebook, 4, 576).to(dtype),
               "amx": lambda x: ext.linear_amx(x, packed, codebook, 4, 576),
               "bf16_dot": lambda x: ext.linear_bf16_dot(x, packed, codebook, 4, 576),
               "tiles": lambda x: ext.linear_tiled(x, packed, codebook, 4, 576, isa).to(dtype)}
@@ -194,10 +198,11 @@ def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype):
         x = torch.randn(tokens, 576).to(dtype)
         with torch.no_grad():
             y = ops.linear(x, packed, codebook, bias, 4, 576)
-        want = ("gemv" if tokens <= gemv_max else
+        want = ("bf16_gemv" if bf16_gemv and tokens <= gemv_max else
+                "gemv" if tokens <= gemv_max else
                 "amx" if amx and tokens <= cpu_kernels.AMX_MAX_TOKENS else
                 "bf16_dot" if dot and tokens <= cpu_kernels.BF16_DOT_MAX_TOKENS else "tiles")
-        assert cpu_kernels.kernel_for(tokens, dtype, 576) == want, tokens
+        assert cpu_kernels.kernel_for(tokens, dtype, 576, gpr) == want, tokens
         assert torch.equal(y, direct[want](x) + bias.to(dtype)), (tokens, want)
         assert y.dtype == dtype and y.shape == (tokens, 40)
         ref = x.float() @ (w.to(dtype).float() if dtype == torch.bfloat16 else w).t() + bias
@@ -208,6 +213,40 @@ def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype):
     assert gemv_max == (16 if dtype == torch.float32 or not cpu_kernels.bf16_dot() else 3 if amx else 4)
     if amx:  # widths that are not a multiple of 32 skip the AMX kernel
         assert cpu_kernels.kernel_for(16, dtype, 40) == ("bf16_dot" if dot else "tiles")
+
+
+@pytest.mark.skipif(ext is None or not ext.bf16_gemv_fits(32, 1), reason="this CPU lacks AVX512-BF16 or VBMI")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bf16_gemv_matches_the_reference(bits, threads):
+    """``bf16_gemv.cpp`` over groups of whole 64-byte chunks (128 INT4/INT3 or 256 INT2 columns), whole chunks
+    plus a 32- or 16-column tail (the last row's 16-column tail reads no byte past the tensor), tails only (groups
+    of 16–96 columns), one or several groups, rows split over threads, 1–4 tokens: y = x · bf16(Ŵ)ᵀ with fp32
+    accumulation (the reference's bf16 arithmetic) to 1e-5 relative; groups that are not a multiple of 16 columns,
+    more than 4 tokens and fp32 inputs are refused with a clear error."""
+    with torch_threads(threads):
+        for gpr, inp, out in [(1, 256, 23), (1, 4096, 7), (2, 768, 41), (3, 576, 9), (1, 576, 33), (4, 1536, 18),
+                              (1, 32, 5), (3, 96, 17), (5, 480, 3), (4, 576, 11), (1, 16, 4), (3, 144, 7),
+                              (1, 400, 6)]:
+            assert ext.bf16_gemv_fits(inp, gpr)
+            packed, codebook = layer(bits, gpr, inp, out, seed=gpr * inp + out + bits)
+            wb = layout.dequantize(packed, codebook, bits, inp).bfloat16().double()
+            for tokens in (1, 2, 3, 4):
+                x = torch.randn(tokens, inp).bfloat16()
+                y = ext.linear_bf16_gemv(x, packed, codebook, bits, inp)
+                ref = x.double() @ wb.t()
+                assert y.dtype == torch.float32 and y.shape == ref.shape
+                err = (y.double() - ref).abs().max() / ref.abs().max()
+                assert err < 1e-5, (bits, gpr, inp, out, tokens, float(err))
+    assert not ext.bf16_gemv_fits(576, 8) and not ext.bf16_gemv_fits(40, 1)
+    packed, codebook = layer(bits, 8, 576, 8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.linear_bf16_gemv(torch.randn(1, 576).bfloat16(), packed, codebook, bits, 576)
+    packed, codebook = layer(bits, 1, 64, 8)
+    with pytest.raises(RuntimeError, match="at most 4 tokens"):
+        ext.linear_bf16_gemv(torch.randn(5, 64).bfloat16(), packed, codebook, bits, 64)
+    with pytest.raises(RuntimeError, match="bf16"):
+        ext.linear_bf16_gemv(torch.randn(1, 64), packed, codebook, bits, 64)
 
 
 @pytest.mark.skipif(ext is None or not ext.has_bf16_dot(), reason="this CPU has no AVX512-BF16")

@@ -1,7 +1,9 @@
 """Native CPU kernels (C++, AVX-512 / AVX2 picked at run time), built on first use and cached.
 
 ``cpu/lut_gemv.cpp`` computes y = x·Ŵᵀ for up to 16 tokens straight from the packed codes and codebooks,
-never materialising Ŵ (see the file's header for how); ``cpu/bf16_dot.cpp`` serves bf16 batches of 5–32 tokens
+never materialising Ŵ (see the file's header for how), and ``cpu/bf16_gemv.cpp`` the same for 1–4 bf16 tokens on
+AVX512-BF16 dot products (bf16 Ŵ, as the reference computes bf16: half the instructions per weight, so a layer
+too big for the caches streams its codes at memory speed); ``cpu/bf16_dot.cpp`` serves bf16 batches of 5–32 tokens
 (vLLM decoding several requests, short prompts) on AVX512-BF16 dot products, Ŵ decoded one small row panel at a
 time, and ``cpu/amx_linear.cpp`` the same (4–64 tokens) on Intel AMX tiles where the CPU has them;
 ``cpu/tiles.cpp`` serves prefill and training: the
@@ -32,7 +34,8 @@ BF16_DOT_MAX_TOKENS = 32
 AMX_MAX_TOKENS = 64
 _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 _SOURCES = [Path(__file__).parent / "cpu" / name
-            for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp", "amx_linear.cpp", "linear_dispatch.cpp")]
+            for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp", "bf16_gemv.cpp", "amx_linear.cpp",
+                         "linear_dispatch.cpp")]
 
 
 @cache
@@ -45,7 +48,7 @@ def extension() -> ModuleType | None:
         # is compiled with OpenMP (torch's CPU build uses the OpenMP backend); without it every kernel ran on one
         # thread whatever torch.set_num_threads said. It links the libgomp.so.1 torch has already loaded, so the
         # extension shares torch's OpenMP runtime and its thread count.
-        ext = load(name="sketchtune_cpu_v25", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+        ext = load(name="sketchtune_cpu_v28", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
@@ -99,6 +102,14 @@ def bf16_dot() -> bool:
     return ext is not None and isa() in (0, 2) and ext.has_bf16_dot()
 
 
+def bf16_gemv(in_features: int, gpr: int) -> bool:
+    """Whether the bf16 GEMV (``cpu/bf16_gemv.cpp``: 1–4 bf16 tokens straight from the codes on AVX512-BF16
+    dot products) takes a layer of this shape here: built, a CPU with AVX512-BF16 and VBMI, no instruction set
+    forced below AVX-512, and groups (``in_features / gpr``) of a multiple of 16 columns."""
+    ext = extension()
+    return ext is not None and isa() in (0, 2) and ext.bf16_gemv_fits(in_features, gpr)
+
+
 def amx() -> bool:
     """Whether the AMX kernel (``cpu/amx_linear.cpp``: Intel AMX bf16 tiles, Sapphire Rapids and later) runs
     here: built, CPUID reports AMX-TILE and AMX-BF16, Linux granted the tile state, and no instruction set is
@@ -120,21 +131,22 @@ def gemv_tokens(dtype: torch.dtype) -> int:
     return MAX_TOKENS if ext is None else ext.gemv_max_tokens(dtype == torch.bfloat16, isa())
 
 
-def kernel_for(tokens: int, dtype: torch.dtype, in_features: int) -> str:
-    """Which kernel :func:`linear_any` runs for this many tokens: ``gemv``, ``amx``, ``bf16_dot`` or ``tiles``."""
-    return extension().linear_kernel(tokens, dtype == torch.bfloat16, in_features, isa())
+def kernel_for(tokens: int, dtype: torch.dtype, in_features: int, gpr: int = 1) -> str:
+    """Which kernel :func:`linear_any` runs for this many tokens of a layer of ``in_features`` columns in ``gpr``
+    groups: ``gemv``, ``bf16_gemv``, ``amx``, ``bf16_dot`` or ``tiles``."""
+    return extension().linear_kernel(tokens, dtype == torch.bfloat16, in_features, gpr, isa())
 
 
 def linear_any(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None, bits: int,
                in_features: int) -> torch.Tensor:
-    """y = x·Ŵᵀ (+ bias), x (..., in) fp32 or bf16 → (..., out) in x's dtype: the whole CPU inference path in one
-    C++ call (``cpu/linear_dispatch.cpp``), the kernel chosen by token count as :func:`kernel_for` says (making
-    that choice in Python cost ~20 µs per layer, half of a small layer's one-token GEMV): up to
-    :func:`gemv_tokens` the GEMV; bf16 inputs of up to :data:`AMX_MAX_TOKENS` (64) tokens on the AMX kernel
-    where the CPU has AMX and ``in_features`` is a multiple of 32 (one Xeon thread, bits 2/4 × GPR 1/4, 576↔1536
-    to 4096², ``benchmarks/results/cpu_batched_amx.json``: 0.63–1.17× dense bf16's time at 4–32 tokens, where
-    the bf16 dot kernel took 1.0–5×; at 256 tokens the tiles took 0.57–0.71× the AMX kernel's time, which
-    streams all of x past every 32-row panel), else up to
+    """y = x·Ŵᵀ (+ bias), x (..., in) fp32 or bf16 → (..., out) in x's dtype: the whole CPU inference path in one C++
+    call (``cpu/linear_dispatch.cpp``), the kernel chosen by token count as :func:`kernel_for` says (making that
+    choice in Python cost ~20 µs per layer, half of a small layer's one-token GEMV): up to :func:`gemv_tokens`
+    the GEMV (for bf16 inputs the bf16 GEMV where :func:`bf16_gemv` says it runs); bf16 inputs of up to
+    :data:`AMX_MAX_TOKENS` (64) tokens on the AMX kernel where the CPU has AMX and ``in_features`` is a multiple
+    of 32 (one Xeon thread, bits 2/4 × GPR 1/4, 576↔1536 to 4096², ``benchmarks/results/cpu_batched_amx.json``:
+    0.63–1.17× dense bf16's time at 4–32 tokens, where the bf16 dot kernel took 1.0–5×; at 256 tokens the tiles
+    took 0.57–0.71× the AMX kernel's time, which streams all of x past every 32-row panel), else up to
     :data:`BF16_DOT_MAX_TOKENS` (32) on the batched bf16 kernel where the CPU has AVX512-BF16; everything else Ŵ
     one ~4 MiB row tile at a time into torch's GEMM (which from ~64 tokens on beat the bf16 kernel: in
     ``benchmarks/results/cpu_batched.json`` it took 1.13–1.43× dense bf16's time at 64 tokens where the tiles

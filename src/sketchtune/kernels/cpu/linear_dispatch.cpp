@@ -13,7 +13,7 @@
 #include <string>
 #include <thread>
 
-// lut_gemv.cpp, amx_linear.cpp, bf16_dot.cpp, tiles.cpp
+// lut_gemv.cpp, amx_linear.cpp, bf16_dot.cpp, bf16_gemv.cpp, tiles.cpp
 torch::Tensor lut_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
                        int64_t in_features, int64_t isa);
 torch::Tensor linear_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
@@ -24,6 +24,9 @@ torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor packed, torch::Tens
 bool has_amx();
 torch::Tensor linear_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
                          int64_t in_features);
+bool bf16_gemv_fits(int64_t in_features, int64_t gpr);
+torch::Tensor linear_bf16_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
+                               int64_t in_features);
 
 namespace {
 
@@ -35,7 +38,7 @@ constexpr int64_t kAmxGemvTokens = 3;    // bf16 with AMX: at 4 tokens AMX took 
 constexpr int64_t kAmxMaxTokens = 64;    // at 256 tokens the tiles took 0.57–0.71× AMX's time
 constexpr int64_t kDotMaxTokens = 32;    // at 64 tokens the tiles beat the dot kernel
 
-enum class Kernel { kGemv, kAmx, kDot, kTiles };
+enum class Kernel { kGemv, kBf16Gemv, kAmx, kDot, kTiles };
 
 bool amx_runs(int64_t isa) { return isa == 0 && has_amx(); }
 bool dot_runs(int64_t isa) { return (isa == 0 || isa == 2) && has_bf16_dot(); }
@@ -50,8 +53,10 @@ int64_t gemv_max_tokens(bool bf16, int64_t isa) {
 
 namespace {
 
-Kernel pick(int64_t tokens, bool bf16, int64_t in, int64_t isa) {
-  if (tokens <= gemv_max_tokens(bf16, isa)) return Kernel::kGemv;
+Kernel pick(int64_t tokens, bool bf16, int64_t in, int64_t gpr, int64_t isa) {
+  // bf16 tokens: the bf16 GEMV (bf16 Ŵ, as the reference) where the layer's groups suit it, else the fp32 one
+  if (tokens <= gemv_max_tokens(bf16, isa))
+    return bf16 && (isa == 0 || isa == 2) && bf16_gemv_fits(in, gpr) ? Kernel::kBf16Gemv : Kernel::kGemv;
   if (!bf16) return Kernel::kTiles;
   const bool amx = amx_runs(isa), dot = dot_runs(isa);
   if (amx && tokens <= kAmxMaxTokens && in % 32 == 0) return Kernel::kAmx;
@@ -61,9 +66,10 @@ Kernel pick(int64_t tokens, bool bf16, int64_t in, int64_t isa) {
 
 }  // namespace
 
-std::string linear_kernel(int64_t tokens, bool bf16, int64_t in_features, int64_t isa) {
-  switch (pick(tokens, bf16, in_features, isa)) {
+std::string linear_kernel(int64_t tokens, bool bf16, int64_t in_features, int64_t gpr, int64_t isa) {
+  switch (pick(tokens, bf16, in_features, gpr, isa)) {
     case Kernel::kGemv: return "gemv";
+    case Kernel::kBf16Gemv: return "bf16_gemv";
     case Kernel::kAmx: return "amx";
     case Kernel::kDot: return "bf16_dot";
     default: return "tiles";
@@ -75,11 +81,13 @@ torch::Tensor linear_cpu(torch::Tensor x, torch::Tensor packed, torch::Tensor co
                          c10::optional<torch::Tensor> bias, int64_t bits, int64_t in_features, int64_t isa) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16, "x must be fp32 or bf16");
   TORCH_CHECK(x.size(-1) == in_features, "x's last dimension must be in_features");
+  TORCH_CHECK(codebook.dim() == 3, "codebook must be (out, gpr, 2^bits)");
   const auto x2d = x.reshape({-1, in_features});
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   torch::Tensor y;
-  switch (pick(x2d.size(0), bf16, in_features, isa)) {
+  switch (pick(x2d.size(0), bf16, in_features, codebook.size(1), isa)) {
     case Kernel::kGemv: y = lut_gemv(x2d, packed, codebook, bits, in_features, isa); break;
+    case Kernel::kBf16Gemv: y = linear_bf16_gemv(x2d, packed, codebook, bits, in_features); break;
     case Kernel::kAmx: y = linear_amx(x2d, packed, codebook, bits, in_features); break;
     case Kernel::kDot: y = linear_bf16_dot(x2d, packed, codebook, bits, in_features); break;
     default: y = linear_tiled(x2d, packed, codebook, bits, in_features, isa); break;

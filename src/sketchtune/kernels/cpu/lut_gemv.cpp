@@ -409,63 +409,13 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
   }
 }
 
-// One token, groups of whole chunks: two rows at a time, so each x vector loaded serves both rows' FMAs and the
-// four accumulators (two per row) make four independent FMA chains instead of two.
-template <int kBits>
-AVX512VBMI void rows_wide_pairs(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
-  constexpr int kL = kBits == 2 ? 16 : 8, kChunk = 16 * kL, kK = 1 << kBits;
-  constexpr int kBytes = kChunk * kBits / 8;
-  const int64_t group = p.in / p.gpr;
-  const __m512i mask = _mm512_set1_epi32(kK - 1);
-  const __mmask16 book_mask = static_cast<__mmask16>((1u << kK) - 1);
-  const __mmask64 load_mask = kBytes == 64 ? ~0ULL : ((1ULL << kBytes) - 1);
-  alignas(64) uint8_t spread[64];
-  for (int k = 0; k < 64; ++k) spread[k] = static_cast<uint8_t>(3 * (k / 4) + std::min(k % 4, 2));
-  const __m512i spread_idx = _mm512_load_si512(spread);
-  int64_t r = r0;
-  for (; r + 1 < r1; r += 2) {
-    const uint8_t* row_a = p.packed + r * p.row_bytes;
-    const uint8_t* row_b = row_a + p.row_bytes;
-    const float* books_a = p.codebook + r * p.gpr * kK;
-    const float* books_b = books_a + p.gpr * kK;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
-    for (int64_t g = 0; g < p.gpr; ++g) {
-      const __m512 book_a = _mm512_maskz_loadu_ps(book_mask, books_a + g * kK);
-      const __m512 book_b = _mm512_maskz_loadu_ps(book_mask, books_b + g * kK);
-      for (int64_t c = g * group; c < (g + 1) * group; c += kChunk) {
-        __m512i va = _mm512_maskz_loadu_epi8(load_mask, row_a + c * kBits / 8);
-        __m512i vb = _mm512_maskz_loadu_epi8(load_mask, row_b + c * kBits / 8);
-        if (kBits == 3) {
-          va = _mm512_permutexvar_epi8(spread_idx, va);
-          vb = _mm512_permutexvar_epi8(spread_idx, vb);
-        }
-        for (int j = 0; j < kL; j += 2) {
-          const __m512 x0 = _mm512_loadu_ps(xs + c + 16 * j), x1 = _mm512_loadu_ps(xs + c + 16 * (j + 1));
-          a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(va, kBits * j), mask), book_a),
-                               x0, a0);
-          b0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(vb, kBits * j), mask), book_b),
-                               x0, b0);
-          a1 = _mm512_fmadd_ps(
-              _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(va, kBits * (j + 1)), mask), book_a), x1, a1);
-          b1 = _mm512_fmadd_ps(
-              _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srli_epi32(vb, kBits * (j + 1)), mask), book_b), x1, b1);
-        }
-      }
-    }
-    p.y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    p.y[r + 1] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-  }
-  if (r < r1) rows_wide_t<1, kBits>(p, xs, r, r1);
-}
-
 template <int kBits>
 AVX512VBMI void rows_wide(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
-  constexpr int kChunk = 16 * (kBits == 2 ? 16 : 8);
   switch (p.M) {
-    case 1:
-      if ((p.in / p.gpr) % kChunk == 0) rows_wide_pairs<kBits>(p, xs, r0, r1);
-      else rows_wide_t<1, kBits>(p, xs, r0, r1);
-      break;
+    // One token: one row at a time. Walking two rows at once (one x load serving both) was faster while the
+    // layer sat in cache but read DRAM at half speed: on Zen 4, one thread, INT4 4096² took 1.4–1.5 ms with row
+    // pairs and 0.72–0.78 with single rows, 11008×4096 3.5 ms and 1.9–2.8 (bitsandbytes NF4: 0.7 and 1.8–2.1).
+    case 1: rows_wide_t<1, kBits>(p, xs, r0, r1); break;
     case 2: rows_wide_t<2, kBits>(p, xs, r0, r1); break;
     case 4: rows_wide_t<4, kBits>(p, xs, r0, r1); break;
     case 8: rows_wide_t<8, kBits>(p, xs, r0, r1); break;
@@ -747,8 +697,12 @@ torch::Tensor linear_bf16_dot(torch::Tensor x, torch::Tensor packed, torch::Tens
 bool has_amx();
 torch::Tensor linear_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
                          int64_t in_features);
+// bf16_gemv.cpp
+bool bf16_gemv_fits(int64_t in_features, int64_t gpr);
+torch::Tensor linear_bf16_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook, int64_t bits,
+                               int64_t in_features);
 // linear_dispatch.cpp
-std::string linear_kernel(int64_t tokens, bool bf16, int64_t in_features, int64_t isa);
+std::string linear_kernel(int64_t tokens, bool bf16, int64_t in_features, int64_t gpr, int64_t isa);
 int64_t gemv_max_tokens(bool bf16, int64_t isa);
 torch::Tensor linear_cpu(torch::Tensor x, torch::Tensor packed, torch::Tensor codebook,
                          c10::optional<torch::Tensor> bias, int64_t bits, int64_t in_features, int64_t isa);
@@ -763,8 +717,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &cpu_isa, "0: neither, 1: AVX2+FMA, 2: AVX-512");
   m.def("has_bf16_dot", &has_bf16_dot, "whether linear_bf16_dot runs here (AVX-512 with AVX512-BF16)");
   m.def("linear_bf16_dot", &linear_bf16_dot, "y = x·Ŵᵀ (bf16) on bf16 dot products, Ŵ one row panel at a time");
+  m.def("bf16_gemv_fits", &bf16_gemv_fits, "whether linear_bf16_gemv takes this in_features and gpr here");
+  m.def("linear_bf16_gemv", &linear_bf16_gemv, "y = x·Ŵᵀ (fp32) for ≤ 4 bf16 tokens on bf16 dot products, no Ŵ");
   m.def("gemv_max_tokens", &gemv_max_tokens, "up to how many tokens linear_cpu runs the GEMV");
-  m.def("linear_kernel", &linear_kernel, "which kernel linear_cpu runs: gemv, amx, bf16_dot or tiles");
+  m.def("linear_kernel", &linear_kernel, "which kernel linear_cpu runs: gemv, bf16_gemv, amx, bf16_dot or tiles");
   m.def("linear_cpu", &linear_cpu, "y = x·Ŵᵀ (+ bias) in x's dtype, the kernel picked by token count");
   m.def("parallel_threads", &parallel_threads, "distinct threads at::parallel_for used for n one-element tasks");
   m.def("has_amx", &has_amx, "whether linear_amx runs here (AMX-TILE and AMX-BF16, granted by the OS)");
