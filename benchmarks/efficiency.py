@@ -50,12 +50,15 @@ from _common import cpu_model, to_nf4
 from torch import nn
 
 from sketchtune.kernels import BACKEND_ENV
+from sketchtune.kernels.ops import CODEBOOK_GRAD_ENV
 from sketchtune.layout import unpack_codes
 from sketchtune.sketched_linear import SketchedLinear, dequantize
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["dense", "lora", "qlora", "sketchtune-int4-gpr1", "sketchtune-int4-gpr4"]
 REF_PATH_VARIANT, REF_PATH = "sketchtune-int4-gpr1", "sketchtune-int4-gpr1 via the reference autograd"
+#: The same sketch with SKETCHTUNE_CODEBOOK_GRAD=bf16: the codebook gradient's dYᵀX from bf16-rounded dY and x.
+BF16_GRAD = "sketchtune-int4-gpr1, dYᵀX in bf16"
 #: The floor of a codebook-training step: the dense model computing ∂L/∂W (dYᵀX) for every decoder-layer
 #: projection, as any method training something per weight must, with no optimizer step. A sketch step does
 #: that GEMM (then bins it into codebooks) where LoRA does not, so LoRA × (floor / LoRA) is the least it can cost.
@@ -362,6 +365,13 @@ def bench_model(args) -> dict:
             return ref_step()
 
     steps[REF_PATH] = ref_path_step
+    bf16_step = make_train_step(models[REF_PATH_VARIANT], args)
+
+    def bf16_grad_step() -> float:
+        with env(CODEBOOK_GRAD_ENV, "bf16"):
+            return bf16_step()
+
+    steps[BF16_GRAD] = bf16_grad_step
     floor_model = build("dense", args)
     floor_model.requires_grad_(False)
     for layer in floor_model.model.layers:
@@ -375,6 +385,7 @@ def bench_model(args) -> dict:
     for v in VARIANTS:
         results[v]["train_step_s"] = r[v]
     results[REF_PATH_VARIANT]["train_step_s_reference"] = r[REF_PATH]
+    results[REF_PATH_VARIANT]["train_step_s_bf16_codebook_grad"] = r[BF16_GRAD]
     results["dense"]["train_step_s_grad_floor"] = r[GRAD_FLOOR]
     del models, steps
     print("  peak training memory (one child process per variant) ...", flush=True)
@@ -474,7 +485,8 @@ def print_table(results: dict, rat: dict, prompts: list[int]) -> None:
           f"{r['train_step_s_reference']:.2f} s/step, peak {r['train_peak_above_imports_mb_reference']:.0f} MiB")
     lora, floor = results["lora"]["train_step_s"], results["dense"]["train_step_s_grad_floor"]
     print(f"{GRAD_FLOOR}: {floor:.2f} s/step = {floor / lora:.2f}x LoRA's step (sketch GPR 1: "
-          f"{results[REF_PATH_VARIANT]['train_step_s'] / lora:.2f}x)")
+          f"{results[REF_PATH_VARIANT]['train_step_s'] / lora:.2f}x; with {CODEBOOK_GRAD_ENV}=bf16: "
+          f"{r['train_step_s_bf16_codebook_grad'] / lora:.2f}x)")
     for base in ("dense", "lora"):
         print(f"\nratio vs {base}")
         for v in results:

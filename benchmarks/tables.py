@@ -284,6 +284,11 @@ def efficiency(d: dict, name: str = "efficiency_cpu.json") -> str:
         lora = model["lora"]["train_step_s"]
         body.append(["floor: dense, decoder ∂L/∂W only", "—", "—", "—", "—", "—", f"{floor:.1f} ({floor / lora:.2f}×)",
                      "—"])
+    for name, r in model.items():
+        if "train_step_s_bf16_codebook_grad" in r:  # SKETCHTUNE_CODEBOOK_GRAD=bf16
+            t = r["train_step_s_bf16_codebook_grad"]
+            body.append([f"{name}, dYᵀX in bf16", "—", "—", "—", "—", "—",
+                         f"{t:.1f} ({t / model['lora']['train_step_s']:.2f}×)", "—"])
     cpu = meta.get("cpu_model", _EARLIER_CPU)
     return (f"**Efficiency (CPU)** (`{name}`, {cpu}) — {shape['layers']} Llama layers, hidden {shape['hidden']}, "
             f"MLP {shape['mlp']}, {meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "

@@ -330,6 +330,42 @@ def test_tiled_kernels_match_reference_values_and_gradients(bits, threads):
                         assert err < 1e-5, (bits, gpr, inp, out, dtype, isa, float(err))
 
 
+def test_bf16_codebook_gradient_is_the_bf16_product_binned(monkeypatch):
+    """``SKETCHTUNE_CODEBOOK_GRAD=bf16``: ∂codebook from dYᵀX with dY and x rounded to bf16 (one and several
+    tiles, ragged groups): equal to the same arithmetic in PyTorch (bf16 product, binned in fp32) and within bf16
+    rounding of the exact fp32 gradient, through ``sketched_linear`` too; ∂x is untouched by the option."""
+    from sketchtune.kernels import BACKEND_ENV, sketched_linear
+
+    monkeypatch.setattr(ops, "triton_runs_on", lambda t: False)
+    for bits, gpr, inp, out in [(4, 1, 576, 40), (3, 5, 2050, 1030), (2, 4, 2048, 1100)]:
+        packed, codebook = layer(bits, gpr, inp, out, seed=inp + out)
+        x, dy = torch.randn(37, inp), torch.randn(37, out)
+        _, gcb = ext.linear_backward(dy, x, packed, codebook, bits, inp, gpr, False, True, 0, True)
+        same = layout.bin_reduce((dy.bfloat16().t() @ x.bfloat16()).float(), packed, bits, gpr)
+        exact = layout.bin_reduce(dy.double().t() @ x.double(), packed, bits, gpr)
+        scale = exact.abs().max()
+        assert (gcb.double() - same.double()).abs().max() / scale < 1e-5
+        assert 1e-6 < (gcb.double() - exact).abs().max() / scale < 2e-2  # bf16 rounding, not exact fp32
+        grads = {}
+        for mode in ("fused", "bf16"):
+            monkeypatch.setenv(ops.CODEBOOK_GRAD_ENV, mode)
+            for backend in ("auto", "reference"):
+                monkeypatch.setenv(BACKEND_ENV, backend)
+                xg, cb = x.clone().requires_grad_(), codebook.clone().requires_grad_()
+                sketched_linear(xg, packed, cb, None, bits, inp).backward(dy)
+                grads[mode, backend] = xg.grad, cb.grad
+        torch.testing.assert_close(grads["bf16", "auto"][1], gcb, rtol=1e-5, atol=1e-5 * scale.item())
+        # the reference autograd (gather, Ŵ saved) is the exact fp32 gradient whatever the option says
+        torch.testing.assert_close(grads["bf16", "reference"][1].double(), exact.double(), rtol=1e-4,
+                                   atol=1e-5 * scale.item())
+        assert torch.equal(grads["bf16", "auto"][0], grads["fused", "auto"][0])
+    monkeypatch.setenv(BACKEND_ENV, "auto")
+    monkeypatch.setenv(ops.CODEBOOK_GRAD_ENV, "fp8")
+    with pytest.raises(ValueError, match="'fused', 'unfused' or 'bf16'"):
+        cb = codebook.clone().requires_grad_()
+        sketched_linear(x, packed, cb, None, bits, inp).sum().backward()
+
+
 def test_linear_op_trains_through_the_tiles(monkeypatch):
     """On CPU ``sketched_linear`` with a trainable codebook runs ``sketchtune::linear`` on the tiled kernels
     (nothing per weight saved for the backward) and its gradients are the reference autograd's."""

@@ -48,7 +48,7 @@ def extension() -> ModuleType | None:
         # is compiled with OpenMP (torch's CPU build uses the OpenMP backend); without it every kernel ran on one
         # thread whatever torch.set_num_threads said. It links the libgomp.so.1 torch has already loaded, so the
         # extension shares torch's OpenMP runtime and its thread count.
-        ext = load(name="sketchtune_cpu_v28", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
+        ext = load(name="sketchtune_cpu_v29", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
@@ -156,14 +156,15 @@ def linear_any(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor, bi
 
 def linear_backward(grad_out: torch.Tensor, x: torch.Tensor | None, packed: torch.Tensor,
                     codebook: torch.Tensor | None, bits: int, in_features: int, gpr: int, need_x: bool = True,
-                    need_codebook: bool = True):
+                    need_codebook: bool = True, bf16_product: bool = False):
     """(∂x fp32 or None, ∂codebook fp32 (out, gpr, 2^bits) or None) of y = x·Ŵᵀ, tile by tile.
 
-    ``codebook`` is needed only for ∂x and ``x`` only for ∂codebook."""
+    ``codebook`` is needed only for ∂x and ``x`` only for ∂codebook. ``bf16_product``: ∂codebook's dYᵀX from
+    dY and x rounded to bf16 on torch's bf16 GEMM (see ``cpu/tiles.cpp``)."""
     empty = packed.new_empty(0, dtype=torch.float32)
     gx, gcb = extension().linear_backward(grad_out, empty if x is None else x, packed,
                                           empty if codebook is None else codebook, bits, in_features, gpr,
-                                          need_x, need_codebook, isa())
+                                          need_x, need_codebook, isa(), bf16_product)
     return (gx if need_x else None), (gcb if need_codebook else None)
 
 

@@ -27,7 +27,10 @@ extension (:mod:`.cpu_kernels`) every op but the GEMV (and the batched bf16 forw
 prefill, ∂x and ∂codebook walk
 Ŵ in ~4 MiB row tiles, so not even one whole-layer Ŵ, dense ∂Ŵ or int64 index tensor exists. ∂codebook uses the
 fused kernel unless ``SKETCHTUNE_CODEBOOK_GRAD=unfused`` selects 2-D ``torch.mm`` + ``bin_reduce`` (kept as
-the fallback; which is faster per shape is still to be measured on a GPU). Bins are added with fp32
+the fallback; which is faster per shape is still to be measured on a GPU). ``SKETCHTUNE_CODEBOOK_GRAD=bf16``
+is the fused kernel with dYᵀX computed from dY and x rounded to bf16 (fp32 accumulation, binned in fp32): the
+arithmetic bf16 autocast gives a weight gradient, and on AVX512-BF16 CPUs that product — the one GEMM a
+codebook step computes and a LoRA step does not — runs ~4× faster than in fp32. Bins are added with fp32
 atomics, so ∂codebook is not bitwise deterministic on GPU.
 """
 
@@ -159,17 +162,22 @@ def _(grad_out, packed, codebook, bits, in_features):
 
 @torch.library.custom_op("sketchtune::codebook_grad", mutates_args=())
 def codebook_grad(
-    grad_out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int
+    grad_out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bits: int, gpr: int, bf16_product: bool = False
 ) -> torch.Tensor:
     if triton_runs_on(x):
+        if bf16_product:
+            grad_out, x = grad_out.bfloat16(), x.bfloat16()
         return _kernels().codebook_grad(grad_out, x, packed, bits, gpr)
     if cpu_kernels.native(x):
-        return cpu_kernels.linear_backward(grad_out, x, packed, None, bits, x.shape[1], gpr, need_x=False)[1]
+        return cpu_kernels.linear_backward(grad_out, x, packed, None, bits, x.shape[1], gpr, need_x=False,
+                                           bf16_product=bf16_product)[1]
+    if bf16_product:
+        return layout.bin_reduce((grad_out.bfloat16().t() @ x.bfloat16()).float(), packed, bits, gpr)
     return layout.bin_reduce(grad_out.float().t() @ x.float(), packed, bits, gpr)
 
 
 @codebook_grad.register_fake
-def _(grad_out, x, packed, bits, gpr):
+def _(grad_out, x, packed, bits, gpr, bf16_product=False):
     return x.new_empty(packed.shape[0], gpr, 1 << bits, dtype=torch.float32)
 
 
@@ -189,13 +197,14 @@ def _(grad_weight, packed, bits, gpr):
 
 def _codebook_grad(grad_out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, bits: int,
                    gpr: int) -> torch.Tensor:
-    """fp32 ∂L/∂codebook via the fused kernel, or the 2-D product + bin reduction if the env var asks."""
+    """fp32 ∂L/∂codebook via the fused kernel (dYᵀX in bf16 if the env var says ``bf16``), or the 2-D product +
+    bin reduction if it says ``unfused``."""
     mode = os.environ.get(CODEBOOK_GRAD_ENV, "fused").lower()
-    if mode == "fused":
-        return codebook_grad(grad_out, x, packed, bits, gpr)
+    if mode in ("fused", "bf16"):
+        return codebook_grad(grad_out, x, packed, bits, gpr, mode == "bf16")
     if mode == "unfused":
         return bin_reduce(grad_out.t() @ x, packed, bits, gpr)  # one 2-D (out, in) product, never batched
-    raise ValueError(f"{CODEBOOK_GRAD_ENV} must be 'fused' or 'unfused', got {mode!r}")
+    raise ValueError(f"{CODEBOOK_GRAD_ENV} must be 'fused', 'unfused' or 'bf16', got {mode!r}")
 
 
 # --- the layer --------------------------------------------------------------------------------------------

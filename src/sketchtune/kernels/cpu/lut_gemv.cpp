@@ -687,7 +687,7 @@ torch::Tensor linear_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor 
 std::tuple<torch::Tensor, torch::Tensor> linear_backward(torch::Tensor grad_out, torch::Tensor x,
                                                          torch::Tensor packed, torch::Tensor codebook,
                                                          int64_t bits, int64_t in, int64_t gpr, bool need_x,
-                                                         bool need_codebook, int64_t isa);
+                                                         bool need_codebook, int64_t isa, bool bf16_product);
 torch::Tensor bin_reduce(torch::Tensor grad_weight, torch::Tensor packed, int64_t bits, int64_t gpr, int64_t isa);
 // bf16_dot.cpp
 bool has_bf16_dot();
@@ -712,7 +712,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lut_gemv", &lut_gemv, "y = x·Ŵᵀ from packed codes (fp32 out)");
   m.def("dequantize", &dequantize, "Ŵ (out, in) fp32 from packed codes");
   m.def("linear_tiled", &linear_tiled, "y = x·Ŵᵀ (fp32), Ŵ dequantized one row tile at a time");
-  m.def("linear_backward", &linear_backward, "(∂x, ∂codebook) fp32, tile by tile, bins fused with the codes");
+  m.def("linear_backward", &linear_backward, "(∂x, ∂codebook) fp32, tile by tile, bins fused with the codes",
+        py::arg("grad_out"), py::arg("x"), py::arg("packed"), py::arg("codebook"), py::arg("bits"), py::arg("in"),
+        py::arg("gpr"), py::arg("need_x"), py::arg("need_codebook"), py::arg("isa"), py::arg("bf16_product") = false);
   m.def("bin_reduce", &bin_reduce, "∂codebook (fp32) from a dense ∂Ŵ");
   m.def("cpu_isa", &cpu_isa, "0: neither, 1: AVX2+FMA, 2: AVX-512");
   m.def("has_bf16_dot", &has_bf16_dot, "whether linear_bf16_dot runs here (AVX-512 with AVX512-BF16)");

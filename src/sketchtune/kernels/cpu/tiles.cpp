@@ -190,18 +190,23 @@ torch::Tensor linear_tiled(torch::Tensor x, torch::Tensor packed, torch::Tensor 
 
 // (∂x (M, in) fp32 or empty, ∂codebook (out, gpr, 2^bits) fp32 or empty) of y = x · Ŵᵀ, tile by tile.
 // `codebook` is needed only for ∂x, `x` only for ∂codebook (either may be empty when not needed).
+// `bf16_product`: G = ∂yᵀ·x from ∂y and x rounded to bf16, on torch's bf16 GEMM (fp32 accumulation, G rounded
+// to bf16, binned in fp32) — the arithmetic of a weight gradient under bf16 autocast; on AVX512-BF16 CPUs that
+// GEMM runs ~4× faster than fp32 and is the one product LoRA does not compute. Opt-in (ops.CODEBOOK_GRAD_ENV).
 std::tuple<torch::Tensor, torch::Tensor> linear_backward(torch::Tensor grad_out, torch::Tensor x,
                                                          torch::Tensor packed, torch::Tensor codebook,
                                                          int64_t bits, int64_t in, int64_t gpr, bool need_x,
-                                                         bool need_codebook, int64_t isa) {
+                                                         bool need_codebook, int64_t isa, bool bf16_product) {
   auto pc = packed.contiguous();
   const int64_t out = pc.size(0), M = grad_out.size(0);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == out, "∂y must be (tokens, out)");
   TORCH_CHECK(!need_codebook || (x.dim() == 2 && x.size(0) == M && x.size(1) == in), "x must be (tokens, in)");
   const Codes c = codes_of(pc, bits, in, gpr, isa);
-  auto dy = fp32(grad_out);
-  auto xf = need_codebook ? fp32(x) : x;
-  auto opts = dy.options();
+  const bool low = need_codebook && bf16_product;
+  auto dy = need_x || !low ? fp32(grad_out) : grad_out;
+  auto xf = need_codebook && !low ? fp32(x) : x;
+  torch::Tensor dy_b, x_b, g_b;  // bf16 copies (bf16_product): made once per call
+  auto opts = dy.options().dtype(torch::kFloat);
   torch::Tensor cb, grad_x = torch::empty({0}, opts), grad_cb = torch::empty({0}, opts);
   if (need_x) {
     cb = fp32(codebook);
@@ -213,16 +218,27 @@ std::tuple<torch::Tensor, torch::Tensor> linear_backward(torch::Tensor grad_out,
   if (!need_x && !need_codebook) return {grad_x, grad_cb};
   const int64_t tile = tile_rows(in, out);
   auto buf = torch::empty({tile, in}, opts);
+  if (low) {
+    dy_b = grad_out.to(torch::kBFloat16).contiguous();
+    x_b = x.to(torch::kBFloat16).contiguous();
+    g_b = torch::empty({tile, in}, x_b.options());
+  }
   for (int64_t r0 = 0; r0 < out; r0 += tile) {
     const int64_t r1 = std::min(out, r0 + tile);
     auto t = buf.narrow(0, 0, r1 - r0);
-    auto dy_tile = dy.narrow(1, r0, r1 - r0);
     if (need_x) {
+      auto dy_tile = dy.narrow(1, r0, r1 - r0);
       dequantize_rows(c, cb.data_ptr<float>(), r0, r1, t.data_ptr<float>());
       grad_x.addmm_(dy_tile, t);
     }
     if (need_codebook) {
-      at::mm_out(t, dy_tile.t(), xf);
+      if (low) {
+        auto g = g_b.narrow(0, 0, r1 - r0);
+        at::mm_out(g, dy_b.narrow(1, r0, r1 - r0).t(), x_b);
+        t.copy_(g);
+      } else {
+        at::mm_out(t, dy.narrow(1, r0, r1 - r0).t(), xf);
+      }
       bin_rows(c, t.data_ptr<float>(), r0, r1, grad_cb.data_ptr<float>());
     }
   }
