@@ -19,6 +19,7 @@ AVX2 on AVX-512 machines); ``SKETCHTUNE_CPU_KERNELS=0`` turns the native kernels
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from functools import cache
@@ -48,8 +49,12 @@ def extension() -> ModuleType | None:
         # is compiled with OpenMP (torch's CPU build uses the OpenMP backend); without it every kernel ran on one
         # thread whatever torch.set_num_threads said. It links the libgomp.so.1 torch has already loaded, so the
         # extension shares torch's OpenMP runtime and its thread count.
-        ext = load(name="sketchtune_cpu_v29", sources=[str(s) for s in _SOURCES], extra_cflags=["-O3", "-fopenmp"],
-                   extra_ldflags=["-fopenmp"], verbose=False)
+        # One build per torch installation: two environments (e.g. the project's and a vLLM one) sharing torch's
+        # extension directory otherwise rebuilt the same name in turn, each against its own torch headers —
+        # minutes of g++ whenever the other one had run last.
+        env = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+        ext = load(name=f"sketchtune_cpu_v29_{env}", sources=[str(s) for s in _SOURCES],
+                   extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         warnings.warn(f"sketchtune: native CPU kernels unavailable ({first.strip()}); using the PyTorch path",
