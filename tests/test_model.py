@@ -1,6 +1,7 @@
 """Whole-model sketching, SketchedLinear, and the checkpoint round trip on the real TinyStories-656K."""
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -100,3 +101,19 @@ def test_loading_without_sketchtune_fails_loudly(sketched_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "size mismatch" in proc.stderr or "mismatched" in proc.stderr.lower()
+
+
+def test_cpu_runs_float16_checkpoints_in_float32(sketched_dir):
+    """``sketchtune sketch`` saves float16 by default; on CPU the commands (ppl, generate, eval-tasks, train) load
+    such a checkpoint in float32 — CPUs have no fast fp16 GEMM and the native kernels take fp32/bf16 only (a
+    SmolLM2 training step took ~110 s in fp16, ~6 s in fp32) — while an explicit dtype is kept."""
+    from sketchtune.modeling import load_model, run_dtype
+
+    assert json.loads((sketched_dir / "config.json").read_text()).get("dtype") == "float16"
+    assert run_dtype(sketched_dir, "auto", "cpu") == torch.float32
+    assert run_dtype(sketched_dir, "auto", "cuda") == "auto"
+    assert run_dtype(sketched_dir, torch.float16, "cpu") == torch.float16
+    model, _ = load_model(sketched_dir)
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    model, _ = load_model(sketched_dir, dtype=torch.float16)
+    assert torch.float16 in {p.dtype for p in model.parameters()}

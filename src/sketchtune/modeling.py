@@ -30,6 +30,20 @@ def is_sketched_dir(path: str | os.PathLike) -> bool:
     return qc.get("quant_method") == "sketchtune"
 
 
+def run_dtype(path: str | os.PathLike, dtype: torch.dtype | str | None, device: str):
+    """The dtype to load a model directory in: ``dtype`` as asked, except that ``"auto"`` on CPU runs a float16
+    checkpoint (what ``sketchtune sketch`` writes by default) in float32. CPUs have no fast fp16 GEMM and the
+    native kernels take fp32/bf16 activations only: loaded in fp16, a SmolLM2 codebook training step took
+    ~110 s instead of a few, and decoding fell back to unpacking every layer on every call."""
+    if dtype != "auto" or str(device) != "cpu":
+        return dtype
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return dtype
+    return torch.float32 if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16" else dtype
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or os.sep + os.sep in spec or spec.count("/") > 1
 
@@ -48,6 +62,7 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = "auto"
             kwargs = {"gguf_file": path.name}
             src = str(path.parent)
         elif path.is_dir():
+            dtype = run_dtype(path, dtype, device)
             if is_sketched_dir(path):
                 return load(path, dtype=dtype, device=device)
             if not (path / "config.json").is_file():
