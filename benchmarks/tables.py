@@ -210,22 +210,10 @@ def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
     rows = d["rows"]
     cpu = d["machine"].get("cpu_model", _EARLIER_CPU)
     configs = [(4, 1), (4, 4), (3, 1), (2, 1)]
-    body = []
-    for threads in sorted({r["threads"] for r in rows}):
-        for out, inp in dict.fromkeys((r["out"], r["in"]) for r in rows):
-            cells = []
-            for bits, gpr in configs:
-                r = next((r for r in rows if (r["threads"], r["out"], r["in"], r["bits"], r["gpr"])
-                          == (threads, out, inp, bits, gpr)), None)
-                cells.append("—" if r is None or "avx512_ms" not in r else
-                             f"{r['avx512_vs_dense_fp32']:.2f}× / {r['avx512_vs_dense_bf16']:.2f}× / "
-                             + (f"{r['avx512_vs_nf4']:.2f}×" if "avx512_vs_nf4" in r else "—"))
-            body.append([str(threads), f"{out}×{inp}"] + cells)
-    text = (f"**CPU decode GEMV** (`{name}`, {cpu}, one token, AVX-512, medians of round-robin calls) — speed-up "
-            "of the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
-            f"sketch is faster). AVX2 rows and bytes are in the JSON; `{name[:-5]}.png` plots the times.\n\n"
-            + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
-    if any("bf16_gemv_ms" in r for r in rows):
+    header = ["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs]
+
+    def grid(kernel: str, bases: tuple[str, ...]) -> str:
+        """One row per (threads, shape), one cell per config: the kernel's speed-ups over ``bases``."""
         body = []
         for threads in sorted({r["threads"] for r in rows}):
             for out, inp in dict.fromkeys((r["out"], r["in"]) for r in rows):
@@ -233,15 +221,21 @@ def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
                 for bits, gpr in configs:
                     r = next((r for r in rows if (r["threads"], r["out"], r["in"], r["bits"], r["gpr"])
                               == (threads, out, inp, bits, gpr)), None)
-                    cells.append("—" if r is None or "bf16_gemv_ms" not in r else
-                                 f"{r['bf16_gemv_vs_dense_bf16']:.2f}× / "
-                                 + (f"{r['bf16_gemv_vs_nf4']:.2f}×" if "bf16_gemv_vs_nf4" in r else "—"))
+                    cells.append("—" if r is None or f"{kernel}_ms" not in r else " / ".join(
+                        f"{r[f'{kernel}_vs_{b}']:.2f}×" if f"{kernel}_vs_{b}" in r else "—" for b in bases))
                 body.append([str(threads), f"{out}×{inp}"] + cells)
+        return _table(header, body)
+
+    text = (f"**CPU decode GEMV** (`{name}`, {cpu}, one token, AVX-512, medians of round-robin calls) — speed-up "
+            "of the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
+            f"sketch is faster). AVX2 rows and bytes are in the JSON; `{name[:-5]}.png` plots the times.\n\n"
+            + grid("avx512", ("dense_fp32", "dense_bf16", "nf4")))
+    if any("bf16_gemv_ms" in r for r in rows):
         text += ("\n\nThe same with bf16 activations on the bf16 GEMV (`bf16_gemv.cpp`: bf16 Ŵ × bf16 x, fp32 "
                  "accumulation — the arithmetic bitsandbytes' NF4 CPU kernel does) — speed-up over dense bf16 "
                  "`F.linear` / bitsandbytes NF4 (— where the groups are not a multiple of 16 columns: those layers "
                  "keep the fp32 GEMV).\n\n"
-                 + _table(["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs], body))
+                 + grid("bf16_gemv", ("dense_bf16", "nf4")))
     return text
 
 
