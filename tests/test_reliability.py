@@ -267,9 +267,13 @@ def test_info_on_run_directory(capsys, trained_run):
 def test_ctrl_c_during_train_names_the_kept_checkpoint(sketched_dir, tmp_path):
     out = tmp_path / "r"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # SIGABRT dumps every thread's stack
+    # SIGINT back to its default in the child: a shell without job control starts background commands (`cmd &`)
+    # with SIGINT ignored, the child inherits that, and Python then installs no KeyboardInterrupt handler — the
+    # cause of this test's intermittent CI failures (train kept running, untouched by the signal).
     proc = subprocess.Popen([sys.executable, "-m", "sketchtune", "train", str(sketched_dir), "--data", "tinystories",
                              "--out", str(out), "--max-steps", "100000", "--save-steps", "2", "--cutoff-len", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     try:
         # Any finished checkpoint: with --save-steps 2 and two kept, checkpoint-2 is gone again a few steps
