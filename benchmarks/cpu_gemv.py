@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--gpr", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--shapes", nargs="+", default=[f"{o}x{i}" for o, i in SHAPES], metavar="OUTxIN",
+                    help="layer shapes (default: SmolLM2's two MLP shapes and three Llama-sized ones)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], choices=[2, 3, 4])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_gemv.json"))
     ap.add_argument("--plot", action="store_true", help="also write the PNG (needs matplotlib)")
     args = ap.parse_args()
@@ -91,13 +94,13 @@ def main() -> None:
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for out, inp in SHAPES:
+        for out, inp in (tuple(int(v) for v in s.split("x")) for s in args.shapes):
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(1, inp, generator=gen)
             dense = torch.randn(out, inp, generator=gen) * 0.02
             dense_bf16, x_bf16 = dense.bfloat16(), x.bfloat16()
             nf4 = nf4_layer(dense)
-            for bits in (4, 3, 2):
+            for bits in args.bits:
                 for gpr in args.gpr:
                     packed = layout.pack_codes(torch.randint(0, 1 << bits, (out, inp), generator=gen), bits)
                     codebook = torch.randn(out, gpr, 1 << bits, generator=gen) * 0.02
