@@ -117,3 +117,7 @@ def test_cpu_runs_float16_checkpoints_in_float32(sketched_dir):
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
     model, _ = load_model(sketched_dir, dtype=torch.float16)
     assert torch.float16 in {p.dtype for p in model.parameters()}
+    model, _ = sketchtune.load(sketched_dir)  # the library entry point too, not only the CLI's loader
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.float32}
+    model, _ = sketchtune.load(sketched_dir, dtype="float16")
+    assert torch.float16 in {p.dtype for p in model.parameters()}

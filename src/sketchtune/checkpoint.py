@@ -210,16 +210,33 @@ def validate(path: str | os.PathLike) -> dict:
     return cfg
 
 
+def run_dtype(path: str | os.PathLike, dtype: torch.dtype | str | None, device: str):
+    """The dtype to load a model directory in: ``dtype`` as asked, except that ``"auto"`` on CPU runs a float16
+    checkpoint (what ``sketchtune sketch`` writes by default) in float32. CPUs have no fast fp16 GEMM and the
+    native kernels take fp32/bf16 activations only: loaded in fp16, a SmolLM2 codebook training step took
+    ~110 s instead of a few, and decoding fell back to unpacking every layer on every call."""
+    if dtype != "auto" or str(device) != "cpu":
+        return dtype
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return dtype
+    return torch.float32 if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16" else dtype
+
+
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", device: str = "cpu"):
     """Load ``(model, tokenizer)`` from a sketched directory, with sketched layers rebuilt exactly.
 
-    Equivalent to ``AutoModelForCausalLM.from_pretrained(path)`` after ``import sketchtune``, plus checks.
+    Equivalent to ``AutoModelForCausalLM.from_pretrained(path)`` after ``import sketchtune``, plus checks —
+    and, as the CLI does, ``dtype="auto"`` on CPU runs a float16 checkpoint in float32 (see
+    :func:`run_dtype`: CPUs have no fast fp16 GEMM; pass ``torch.float16`` to keep it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     register()
     path = Path(path).expanduser()
     validate(path)
+    dtype = run_dtype(path, dtype, device)
     if isinstance(dtype, str) and dtype in DTYPES:
         dtype = DTYPES[dtype]
     try:
@@ -227,7 +244,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", devi
     except SketchError:
         raise
     except (OSError, RuntimeError, ValueError) as e:
-        first = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise SketchError(f"corrupt checkpoint: {first.strip()}") from None
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():

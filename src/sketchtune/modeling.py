@@ -14,7 +14,7 @@ import torch
 
 from .architecture import find_decoder_layers, linear_modules  # noqa: F401  (re-exported for users)
 from .bundled import BUNDLED_MODEL, BUNDLED_TEXT  # noqa: F401  (re-exported for users)
-from .checkpoint import load
+from .checkpoint import load, run_dtype  # noqa: F401  (run_dtype re-exported: the CLI paths use it)
 from .errors import SketchError
 from .train.adapter import load_adapter
 
@@ -28,20 +28,6 @@ def is_sketched_dir(path: str | os.PathLike) -> bool:
     except json.JSONDecodeError as e:
         raise SketchError(f"corrupt checkpoint: {cfg} is not valid JSON ({e.msg})") from None
     return qc.get("quant_method") == "sketchtune"
-
-
-def run_dtype(path: str | os.PathLike, dtype: torch.dtype | str | None, device: str):
-    """The dtype to load a model directory in: ``dtype`` as asked, except that ``"auto"`` on CPU runs a float16
-    checkpoint (what ``sketchtune sketch`` writes by default) in float32. CPUs have no fast fp16 GEMM and the
-    native kernels take fp32/bf16 activations only: loaded in fp16, a SmolLM2 codebook training step took
-    ~110 s instead of a few, and decoding fell back to unpacking every layer on every call."""
-    if dtype != "auto" or str(device) != "cpu":
-        return dtype
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return dtype
-    return torch.float32 if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float16" else dtype
 
 
 def _looks_like_path(spec: str) -> bool:
