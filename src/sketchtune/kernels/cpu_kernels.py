@@ -37,6 +37,7 @@ _ISAS = {"auto": 0, "avx2": 1, "avx512": 2}
 _SOURCES = [Path(__file__).parent / "cpu" / name
             for name in ("lut_gemv.cpp", "tiles.cpp", "bf16_dot.cpp", "bf16_gemv.cpp", "amx_linear.cpp",
                          "linear_dispatch.cpp")]
+_HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 
 
 @cache
@@ -52,7 +53,10 @@ def extension() -> ModuleType | None:
         # One build per torch installation: two environments (e.g. the project's and a vLLM one) sharing torch's
         # extension directory otherwise rebuilt the same name in turn, each against its own torch headers —
         # minutes of g++ whenever the other one had run last.
-        env = hashlib.sha1(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+        # The headers go into that name too: torch rebuilds when a source's contents change, but it hashes
+        # only the .cpp files it is given.
+        key = str(Path(torch.__file__).resolve().parent).encode() + b"".join(h.read_bytes() for h in _HEADERS)
+        env = hashlib.sha1(key).hexdigest()[:8]
         ext = load(name=f"sketchtune_cpu_v29_{env}", sources=[str(s) for s in _SOURCES],
                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works

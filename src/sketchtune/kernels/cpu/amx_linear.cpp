@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <cpuid.h>
 #include <immintrin.h>
+
+#include "bf16_round.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -80,9 +82,7 @@ AMX void store_block(const float* c, int64_t rows, int64_t tokens, int64_t out, 
                                             _mm512_set1_epi32(16));
   const __mmask16 valid = rows >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows) - 1);
   for (int64_t t = 0; t < tokens; ++t) {
-    const __m512i x = _mm512_castps_si512(_mm512_i32gather_ps(column, c + t, 4));
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    const __m512i rounded = bf16_bits_rne(_mm512_i32gather_ps(column, c + t, 4));
     _mm256_mask_storeu_epi16(y + (t0 + t) * out + r0, valid, _mm512_cvtepi32_epi16(rounded));
   }
 }

@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "bf16_round.h"
+
 #include <algorithm>
 #include <utility>
 #include <vector>
@@ -60,9 +62,7 @@ void reorder_x(const uint16_t* x, int64_t M, int64_t in, int64_t gpr, int bits, 
 // The group's ≤ 16 fp32 codebook entries as bf16 words (nearest even, as torch's .to(bfloat16)) in the low
 // half of a register; vpermw reads 5 index bits, and codes never exceed 15.
 BF16GEMV inline __m512i bf16_table(const float* book, int k) {
-  const __m512i v = _mm512_castps_si512(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1), book));
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(v, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  const __m512i rounded = bf16_bits_rne(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1), book));
   return _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(rounded));
 }
 

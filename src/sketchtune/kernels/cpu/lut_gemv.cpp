@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "bf16_round.h"
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -111,15 +113,6 @@ AVX512 inline __m512 weights16(const uint8_t* row, int64_t row_bytes, const floa
   }
   const __m512i slot = _mm512_add_epi32(_mm512_mullo_epi32(grp, _mm512_set1_epi32(k)), codes);
   return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, slot, books, 4);
-}
-
-// fp32 lanes → their bf16 bit patterns in the low 16 bits, rounded to nearest even as torch's .to(bfloat16)
-// does (finite values; checkpoints with NaN codebooks are refused at load), so callers need not round the
-// codebook beforehand — on SmolLM2's small layers that per-call pass cost as much as the AMX multiply.
-AVX512 inline __m512i bf16_bits_rne(__m512 v) {
-  const __m512i x = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-  return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7FFF)), odd), 16);
 }
 
 // Ŵ rows [r0, r1) into dst (r1 − r0, in): the GEMV's decoding without the FMA — 16 weights per permute where
