@@ -347,17 +347,20 @@ AVX512 void rows_split(const Problem& p, const float* xs, int64_t r0, int64_t r1
 }
 
 // Wide chunks: 16 dword lanes, lane r holding the kL consecutive codes of columns c + kL·r … (kL = 8 for INT4
-// and INT3, 16 for INT2), so a chunk of 16·kL columns is one load (INT3: 48 bytes spread into the lanes by one
-// byte permute, AVX-512 VBMI) and, per code position j, a shift, a mask, a permute and an FMA — no widening,
-// half the shuffle-port work of the 32-column split. x is reordered to match: xs[c + 16j + r] = x[c + kL·r + j].
+// and INT3, 16 or 8 for INT2), so a chunk of 16·kL columns is one load (INT3: 48 bytes spread into the lanes by
+// one byte permute, AVX-512 VBMI; INT2 with kL = 8: 32 bytes widened word → dword) and, per code position j, a
+// shift, a mask, a permute and an FMA — no widening, half the shuffle-port work of the 32-column split. x is
+// reordered to match: xs[c + 16j + r] = x[c + kL·r + j]. INT2 takes kL = 8 (128-column chunks) where its groups
+// are not whole 256-column ones: SmolLM2's GPR 4 groups of 144 and 384 columns, which otherwise fell to the
+// general path (144) or the split (384).
 // A group's columns past its last whole chunk (groups need only be a multiple of 16 columns) keep x's order
 // and are decoded 16 at a time as in the general path.
 #define AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma")))
 
-template <int kTokens, int kBits>
+template <int kTokens, int kBits, int kL>
 AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
-  constexpr int kL = kBits == 2 ? 16 : 8, kChunk = 16 * kL, kK = 1 << kBits;
-  constexpr int kBytes = kChunk * kBits / 8;  // 64 (INT4, INT2) or 48 (INT3)
+  constexpr int kChunk = 16 * kL, kK = 1 << kBits;
+  constexpr int kBytes = kChunk * kBits / 8;  // 64 (INT4, INT2 with kL = 16), 48 (INT3) or 32 (INT2, kL = 8)
   const int64_t M = kTokens ? kTokens : p.M;
   const int64_t group = p.in / p.gpr;
   const __m512i mask = _mm512_set1_epi32(kK - 1);
@@ -384,8 +387,13 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
         // 2 KiB ahead in the code stream (rows are contiguous, so past a row's end it is the next row's start),
         // as in bf16_gemv.cpp: one token asks for bytes faster than the hardware prefetcher brings them from DRAM.
         _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
-        __m512i v = _mm512_maskz_loadu_epi8(load_mask, row + c * kBits / 8);
-        if (kBits == 3) v = _mm512_permutexvar_epi8(spread_idx, v);
+        __m512i v;
+        if constexpr (kBytes == 32) {
+          v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kBits / 8)));
+        } else {
+          v = _mm512_maskz_loadu_epi8(load_mask, row + c * kBits / 8);
+          if (kBits == 3) v = _mm512_permutexvar_epi8(spread_idx, v);
+        }
         for (int j = 0; j < kL; ++j) {
           const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(v, kBits * j), mask);
           const __m512 w = _mm512_permutexvar_ps(codes, book);
@@ -405,17 +413,17 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
   }
 }
 
-template <int kBits>
+template <int kBits, int kL>
 AVX512VBMI void rows_wide(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
   switch (p.M) {
     // One token: one row at a time. Walking two rows at once (one x load serving both) was faster while the
     // layer sat in cache but read DRAM at half speed: on Zen 4, one thread, INT4 4096² took 1.4–1.5 ms with row
     // pairs and 0.72–0.78 with single rows, 11008×4096 3.5 ms and 1.9–2.8 (bitsandbytes NF4: 0.7 and 1.8–2.1).
-    case 1: rows_wide_t<1, kBits>(p, xs, r0, r1); break;
-    case 2: rows_wide_t<2, kBits>(p, xs, r0, r1); break;
-    case 4: rows_wide_t<4, kBits>(p, xs, r0, r1); break;
-    case 8: rows_wide_t<8, kBits>(p, xs, r0, r1); break;
-    default: rows_wide_t<0, kBits>(p, xs, r0, r1);
+    case 1: rows_wide_t<1, kBits, kL>(p, xs, r0, r1); break;
+    case 2: rows_wide_t<2, kBits, kL>(p, xs, r0, r1); break;
+    case 4: rows_wide_t<4, kBits, kL>(p, xs, r0, r1); break;
+    case 8: rows_wide_t<8, kBits, kL>(p, xs, r0, r1); break;
+    default: rows_wide_t<0, kBits, kL>(p, xs, r0, r1);
   }
 }
 
@@ -427,9 +435,10 @@ inline float x_at(const Problem& p, int64_t i) {
   return v;
 }
 
-// x (M, in) → xs in the lane order of rows_wide_t (whole chunks; each group's tail as it is), fp32.
-void wide_columns(const Problem& p, float* xs) {
-  const int64_t L = p.bits == 2 ? 16 : 8, chunk = 16 * L, group = p.in / p.gpr, full = group / chunk * chunk;
+// x (M, in) → xs in the lane order of rows_wide_t with L codes per lane (whole chunks; each group's tail as it
+// is), fp32.
+void wide_columns(const Problem& p, int64_t L, float* xs) {
+  const int64_t chunk = 16 * L, group = p.in / p.gpr, full = group / chunk * chunk;
   for (int64_t m = 0; m < p.M; ++m) {
     for (int64_t g = 0; g < p.gpr; ++g) {
       for (int64_t c = g * group; c < g * group + full; c += chunk)
@@ -628,15 +637,16 @@ void gemv_block(const Problem& p, int use) {
   const int64_t group = in_features / p.gpr;
   // Which decoding: wide chunks when they tile the group exactly; else the 32/64-column split when it does
   // (INT4/INT2); else wide chunks with a tail; else the general path.
-  const int64_t wide = bits == 2 ? 256 : 128;
+  const int64_t lanes = bits == 2 && group % 256 == 0 ? 16 : 8, wide = 16 * lanes;
   const bool split_fits = (bits == 4 || bits == 2) && group % (16 * 8 / bits) == 0;
   if (use == 2 && vbmi() && group % 16 == 0 && group >= wide && (group % wide == 0 || !split_fits)) {
     std::vector<float> xs(static_cast<size_t>(p.M * in_features));
-    wide_columns(p, xs.data());
+    wide_columns(p, lanes, xs.data());
     at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
-      if (bits == 4) rows_wide<4>(p, xs.data(), r0, r1);
-      else if (bits == 3) rows_wide<3>(p, xs.data(), r0, r1);
-      else rows_wide<2>(p, xs.data(), r0, r1);
+      if (bits == 4) rows_wide<4, 8>(p, xs.data(), r0, r1);
+      else if (bits == 3) rows_wide<3, 8>(p, xs.data(), r0, r1);
+      else if (lanes == 16) rows_wide<2, 16>(p, xs.data(), r0, r1);
+      else rows_wide<2, 8>(p, xs.data(), r0, r1);
     });
     return;
   }
