@@ -219,7 +219,8 @@ def test_token_counts_pick_the_kernel_and_keep_the_numbers(monkeypatch, dtype, g
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_bf16_gemv_matches_the_reference(bits, threads):
-    """``bf16_gemv.cpp`` over groups of whole 64-byte chunks (128 INT4/INT3 or 256 INT2 columns), whole chunks
+    """``bf16_gemv.cpp`` over groups of whole 64-byte chunks (128 INT4/INT3 or 256 INT2 columns), INT2's 32-byte
+    narrow chunks (groups of 144, 192, 384, 400, 576 columns: not whole 256-column chunks), whole chunks
     plus a 32- or 16-column tail (the last row's 16-column tail reads no byte past the tensor), tails only (groups
     of 16–96 columns), one or several groups, rows split over threads, 1–4 tokens: y = x · bf16(Ŵ)ᵀ with fp32
     accumulation (the reference's bf16 arithmetic) to 1e-5 relative; groups that are not a multiple of 16 columns,

@@ -15,7 +15,10 @@
 // 2q+1 of every dword lane into its two words. x is reordered once per call to match, so the dot product pairs
 // each weight with its own x. A group's columns past its last whole chunk keep x's order and are decoded 32 at
 // a time (a byte permute puts each code's two bytes into its lane, a per-lane shift, a mask). Groups must be a
-// multiple of 16 columns; other layers keep the fp32 GEMV.
+// multiple of 16 columns; other layers keep the fp32 GEMV. INT2 groups that are not whole 256-column chunks
+// (SmolLM2's GPR 4: 144 and 384 columns) take "narrow" chunks instead: 32 bytes, each byte widened into its own
+// 16-bit lane (L = 4, INT4's column order), so that such a group is whole chunks plus at most 112 tail columns
+// rather than all tail (1536×576 INT2 GPR 4 had taken 1.4× the fp32 GEMV's time).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -35,25 +38,30 @@ namespace {
 #define BF16GEMV __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,fma")))
 
 
-constexpr int chunk_cols(int bits) { return bits == 2 ? 256 : 128; }
-constexpr int steps(int bits) { return bits == 2 ? 8 : 4; }  // 32-weight steps per chunk
+constexpr int chunk_cols(int bits, bool narrow) { return bits == 2 && !narrow ? 256 : 128; }
+constexpr int steps(int bits, bool narrow) { return bits == 2 && !narrow ? 8 : 4; }  // 32-weight steps per chunk
+
+// Whether a layer of INT2 groups of `group` columns takes narrow chunks.
+inline bool narrow_chunks(int bits, int64_t group) { return bits == 2 && group % 256 != 0; }
 
 // Column of x that lane r (0…31) of step q of a chunk multiplies.
-inline int64_t lane_column(int bits, int64_t q, int64_t r) {
+inline int64_t lane_column(int bits, bool narrow, int64_t q, int64_t r) {
   if (bits == 3) return 8 * (r / 2) + 2 * q + (r % 2);
-  return (bits == 4 ? 4 : 8) * r + q;
+  return (bits == 4 || narrow ? 4 : 8) * r + q;
 }
 
 // x (M, in) bf16 → xs in the lanes' order: whole chunks reordered, each group's tail as it is.
 void reorder_x(const uint16_t* x, int64_t M, int64_t in, int64_t gpr, int bits, uint16_t* xs) {
-  const int64_t chunk = chunk_cols(bits), group = in / gpr, full = group / chunk * chunk;
+  const int64_t group = in / gpr;
+  const bool narrow = narrow_chunks(bits, group);
+  const int64_t chunk = chunk_cols(bits, narrow), full = group / chunk * chunk;
   for (int64_t m = 0; m < M; ++m) {
     const uint16_t* src = x + m * in;
     uint16_t* dst = xs + m * in;
     for (int64_t g = 0; g < gpr; ++g) {
       for (int64_t c = g * group; c < g * group + full; c += chunk)
-        for (int64_t q = 0; q < steps(bits); ++q)
-          for (int64_t r = 0; r < 32; ++r) dst[c + 32 * q + r] = src[c + lane_column(bits, q, r)];
+        for (int64_t q = 0; q < steps(bits, narrow); ++q)
+          for (int64_t r = 0; r < 32; ++r) dst[c + 32 * q + r] = src[c + lane_column(bits, narrow, q, r)];
       std::copy(src + g * group + full, src + (g + 1) * group, dst + g * group + full);
     }
   }
@@ -112,10 +120,10 @@ BF16GEMV __attribute__((always_inline)) inline void chunk(std::integer_sequence<
 // Rows [r0, r1) for kTokens tokens, one row at a time. One row's codes are one sequential stream: walking two
 // rows at once (one x load for both) was faster while a layer sat in L2 but read DRAM at half speed — on Zen 4,
 // 11008×4096 INT4 took 2.5 ms (0.8× bitsandbytes NF4) with row pairs and 1.3 ms with single rows.
-template <int kBits, int kTokens>
+template <int kBits, bool kNarrow, int kTokens>
 BF16GEMV void rows(const uint8_t* packed, int64_t row_bytes, const float* codebook, int64_t gpr, int64_t in,
                    const uint16_t* xs, int64_t out, int64_t r0, int64_t r1, float* y) {
-  constexpr int kK = 1 << kBits, kChunk = chunk_cols(kBits), kSteps = steps(kBits);
+  constexpr int kK = 1 << kBits, kChunk = chunk_cols(kBits, kNarrow), kSteps = steps(kBits, kNarrow);
   constexpr int kLoad = kBits == 3 ? 48 : 64;
   const int64_t group = in / gpr, full = group / kChunk * kChunk;
   alignas(64) uint8_t spread[64], pick[64];
@@ -141,8 +149,13 @@ BF16GEMV void rows(const uint8_t* packed, int64_t row_bytes, const float* codebo
         // This kernel asks for bytes faster than the hardware prefetcher alone delivers them from DRAM: on
         // Zen 4, 11008×4096 INT4 took 2.3–2.5 ms without, 1.5–1.8 with 1–2 KiB (bitsandbytes NF4 1.5–1.8).
         _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
-        __m512i v = _mm512_maskz_loadu_epi8(load_mask, row + c * kBits / 8);
-        if constexpr (kBits == 3) v = _mm512_permutexvar_epi8(spread_idx, v);
+        __m512i v;
+        if constexpr (kNarrow) {
+          v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kBits / 8)));
+        } else {
+          v = _mm512_maskz_loadu_epi8(load_mask, row + c * kBits / 8);
+          if constexpr (kBits == 3) v = _mm512_permutexvar_epi8(spread_idx, v);
+        }
         chunk<kBits, kTokens>(std::make_integer_sequence<int, kSteps>{}, v, table, xs, in, c, acc);
       }
       for (int64_t c = g * group + full; c < (g + 1) * group; c += 32) {
@@ -162,14 +175,14 @@ BF16GEMV void rows(const uint8_t* packed, int64_t row_bytes, const float* codebo
   }
 }
 
-template <int kBits>
+template <int kBits, bool kNarrow = false>
 void block(int64_t M, const uint8_t* packed, int64_t row_bytes, const float* codebook, int64_t gpr, int64_t in,
            const uint16_t* xs, int64_t out, int64_t r0, int64_t r1, float* y) {
   switch (M) {
-    case 1: rows<kBits, 1>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y); break;
-    case 2: rows<kBits, 2>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y); break;
-    case 3: rows<kBits, 3>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y); break;
-    default: rows<kBits, 4>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y);
+    case 1: rows<kBits, kNarrow, 1>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y); break;
+    case 2: rows<kBits, kNarrow, 2>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y); break;
+    case 3: rows<kBits, kNarrow, 3>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y); break;
+    default: rows<kBits, kNarrow, 4>(packed, row_bytes, codebook, gpr, in, xs, out, r0, r1, y);
   }
 }
 
@@ -216,6 +229,8 @@ torch::Tensor linear_bf16_gemv(torch::Tensor x, torch::Tensor packed, torch::Ten
   at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
     if (bits == 4) block<4>(M, codes, pc.size(1), books, gpr, in_features, xs.data(), out, r0, r1, yp);
     else if (bits == 3) block<3>(M, codes, pc.size(1), books, gpr, in_features, xs.data(), out, r0, r1, yp);
+    else if (narrow_chunks(2, in_features / gpr)) block<2, true>(M, codes, pc.size(1), books, gpr, in_features,
+                                                                 xs.data(), out, r0, r1, yp);
     else block<2>(M, codes, pc.size(1), books, gpr, in_features, xs.data(), out, r0, r1, yp);
   });
   return y;
