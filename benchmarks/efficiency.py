@@ -103,6 +103,16 @@ def env(name: str, value: str):
             os.environ[name] = old
 
 
+def under_env(name: str, value: str, step: Callable[[], float]) -> Callable[[], float]:
+    """``step`` run with the environment variable ``name`` set to ``value`` (restored after each call), so that
+    one interleaved loop can time the same model under two kernel choices."""
+    def run() -> float:
+        with env(name, value):
+            return step()
+
+    return run
+
+
 # --- single-layer decode: the CPU strategy choice ---------------------------------------------------------
 
 
@@ -358,20 +368,8 @@ def bench_model(args) -> dict:
     # Not the CPU default since the tiled C++ kernels, measured for comparison: the reference autograd
     # (gather), which saves Ŵ and an int64 index per weight for the backward where sketchtune::linear
     # saves only x, the codes and the codebook and walks Ŵ in row tiles.
-    ref_step = make_train_step(models[REF_PATH_VARIANT], args)
-
-    def ref_path_step() -> float:
-        with env(BACKEND_ENV, "reference"):
-            return ref_step()
-
-    steps[REF_PATH] = ref_path_step
-    bf16_step = make_train_step(models[REF_PATH_VARIANT], args)
-
-    def bf16_grad_step() -> float:
-        with env(CODEBOOK_GRAD_ENV, "bf16"):
-            return bf16_step()
-
-    steps[BF16_GRAD] = bf16_grad_step
+    steps[REF_PATH] = under_env(BACKEND_ENV, "reference", make_train_step(models[REF_PATH_VARIANT], args))
+    steps[BF16_GRAD] = under_env(CODEBOOK_GRAD_ENV, "bf16", make_train_step(models[REF_PATH_VARIANT], args))
     floor_model = build("dense", args)
     floor_model.requires_grad_(False)
     for layer in floor_model.model.layers:
