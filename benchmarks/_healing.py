@@ -86,7 +86,7 @@ class CurveCallback(TrainerCallback):
 
 def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
     """Sketch ``cfg`` (same protocol as the other rows), heal it, and score it before, during and after."""
-    slug = f"int{cfg['bits']}-gpr{cfg['gpr']}"
+    slug = f"int{cfg['bits']}-gpr{cfg['gpr']}" + (f"-lr{args.heal_lr:g}" if args.heal_lr != 1e-4 else "")
     root = Path(args.heal_dir) / slug
     sketched, healed, state_path = root / "sketched", root / "healed", root / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

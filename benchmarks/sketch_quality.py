@@ -72,9 +72,14 @@ HEAL_CONFIGS = [_sk(2, 4, False), _sk(3, 4, False), _sk(4, 1, False), _sk(4, 4, 
                 _sk(2, 1, False)]
 
 
+DEFAULT_HEAL_LR = 1e-4
+
+
 def label(cfg: dict) -> str:
     if cfg.get("healed"):
-        return f"{label(dict(cfg, healed=False))} healed"
+        lr = cfg.get("heal_lr", DEFAULT_HEAL_LR)
+        base = {k: v for k, v in cfg.items() if k not in ("healed", "heal_lr")}
+        return f"{label(base)} healed" + (f" lr {lr:g}" if lr != DEFAULT_HEAL_LR else "")
     name = {"sketch": "SketchTune", "rtn": "RTN", "gptq": "GPTQ-uniform"}[cfg["method"]]
     parts = [name, f"INT{cfg['bits']}", f"GPR{cfg['gpr']}"]
     if cfg["method"] == "sketch":
@@ -148,7 +153,8 @@ def main() -> None:
     p.add_argument("--heal", action="store_true", help="also run the healed rows (HEAL_CONFIGS)")
     p.add_argument("--only-heal", action="store_true", help="run only the healed rows")
     p.add_argument("--heal-steps", type=int, default=200)
-    p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-lr", type=float, default=DEFAULT_HEAL_LR,
+                   help="healing learning rate; rows healed at another one are labelled and cached apart")
     p.add_argument("--heal-batch", type=int, default=4)
     p.add_argument("--heal-nsamples", type=int, default=512, help="healing windows of --seqlen tokens")
     p.add_argument("--heal-curve", type=int, nargs="*", default=[25, 50, 100, 150, 200, 300, 400],
@@ -195,7 +201,7 @@ def main() -> None:
             wanted = [tuple(int(v) for v in item.split(":")) for item in args.heal_configs.split(",")]
             heal_configs = [c for w in wanted for c in HEAL_CONFIGS if (c["bits"], c["gpr"]) == w]
         for cfg in heal_configs[: args.limit] if args.limit and args.only_heal else heal_configs:
-            name = label(dict(cfg, healed=True))
+            name = label(dict(cfg, healed=True, heal_lr=args.heal_lr))
             if name in done:
                 continue
             row = heal_row(base, tok, cfg, args, split, name)
