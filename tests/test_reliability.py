@@ -33,7 +33,7 @@ def run(capsys, *argv):
 
 
 def error_line(err: str) -> str:
-    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     assert "Traceback" not in err, err
     return lines[0]
@@ -180,7 +180,7 @@ def test_every_response_token_supervised(tokenizers, name, response):
     inference_prompt = tok(prompt).input_ids
     n = len(inference_prompt)
     assert row["input_ids"][:n] == inference_prompt  # training sees the prompt exactly as inference does
-    assert all(l == IGNORE_INDEX for l in row["labels"][:n])
+    assert all(label == IGNORE_INDEX for label in row["labels"][:n])
     supervised = row["labels"][n:]
     assert supervised == row["input_ids"][n:] and IGNORE_INDEX not in supervised
     assert tok.decode(supervised, skip_special_tokens=True).strip() == response.strip()
