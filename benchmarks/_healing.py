@@ -23,6 +23,9 @@ from sketchtune.eval.perplexity import perplexity
 from sketchtune.text import read_documents, read_text
 from sketchtune.workflows import heal_job
 
+#: The healing learning rate of the reported rows; rows healed at another one are labelled and cached apart.
+DEFAULT_HEAL_LR = 1e-4
+
 
 def split_c4(tok, calib: str, sketch_windows: int, seqlen: int, seed: int, heldout_docs: int, workdir: Path) -> dict:
     """Write ``heal_text.jsonl`` and ``heldout_c4.jsonl`` (see module docstring); returns their paths and sizes."""
@@ -86,7 +89,7 @@ class CurveCallback(TrainerCallback):
 
 def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
     """Sketch ``cfg`` (same protocol as the other rows), heal it, and score it before, during and after."""
-    slug = f"int{cfg['bits']}-gpr{cfg['gpr']}" + (f"-lr{args.heal_lr:g}" if args.heal_lr != 1e-4 else "")
+    slug = f"int{cfg['bits']}-gpr{cfg['gpr']}" + (f"-lr{args.heal_lr:g}" if args.heal_lr != DEFAULT_HEAL_LR else "")
     root = Path(args.heal_dir) / slug
     sketched, healed, state_path = root / "sketched", root / "healed", root / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

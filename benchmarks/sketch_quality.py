@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import torch
 from _common import PeakRSS
-from _healing import heal_row, split_c4
+from _healing import DEFAULT_HEAL_LR, heal_row, split_c4
 
 import sketchtune
 from sketchtune.eval.perplexity import perplexity
@@ -70,9 +70,6 @@ PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN
 # Healing: the three configurations with targets in issue #13 first, then the other three.
 HEAL_CONFIGS = [_sk(2, 4, False), _sk(3, 4, False), _sk(4, 1, False), _sk(4, 4, False), _sk(3, 1, False),
                 _sk(2, 1, False)]
-
-
-DEFAULT_HEAL_LR = 1e-4
 
 
 def label(cfg: dict) -> str:

@@ -107,7 +107,8 @@ def test_cpu_runs_float16_checkpoints_in_float32(sketched_dir):
     """``sketchtune sketch`` saves float16 by default; on CPU the commands (ppl, generate, eval-tasks, train) load
     such a checkpoint in float32 — CPUs have no fast fp16 GEMM and the native kernels take fp32/bf16 only (a
     SmolLM2 training step took ~110 s in fp16, ~6 s in fp32) — while an explicit dtype is kept."""
-    from sketchtune.modeling import load_model, run_dtype
+    from sketchtune.checkpoint import run_dtype
+    from sketchtune.modeling import load_model
 
     assert json.loads((sketched_dir / "config.json").read_text()).get("dtype") == "float16"
     assert run_dtype(sketched_dir, "auto", "cpu") == torch.float32

@@ -14,7 +14,7 @@ import torch
 
 from .architecture import find_decoder_layers, linear_modules  # noqa: F401  (re-exported for users)
 from .bundled import BUNDLED_MODEL, BUNDLED_TEXT  # noqa: F401  (re-exported for users)
-from .checkpoint import load, run_dtype  # noqa: F401  (run_dtype re-exported: the CLI paths use it)
+from .checkpoint import load, run_dtype
 from .errors import SketchError
 from .train.adapter import load_adapter
 
@@ -48,9 +48,9 @@ def load_model(spec: str | os.PathLike, dtype: torch.dtype | str | None = "auto"
             kwargs = {"gguf_file": path.name}
             src = str(path.parent)
         elif path.is_dir():
-            dtype = run_dtype(path, dtype, device)
             if is_sketched_dir(path):
-                return load(path, dtype=dtype, device=device)
+                return load(path, dtype=dtype, device=device)  # which applies run_dtype itself
+            dtype = run_dtype(path, dtype, device)
             if not (path / "config.json").is_file():
                 raise SketchError(f"{path} is not a model directory (no config.json)")
             kwargs, src = {}, str(path)

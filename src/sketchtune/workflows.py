@@ -30,7 +30,7 @@ from .eval.tasks import (
 )
 from .info import describe
 from .layout import check_layout
-from .modeling import load_for_eval, load_model, resolve_device, run_dtype
+from .modeling import load_for_eval, load_model, resolve_device
 from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.calibration import calibration_tokens
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, TABLE_MIN_BITS, SketchReport, sketch_model
@@ -194,7 +194,7 @@ def train_job(
     if fsdp:
         check_fsdp_request(resume=resume, save_full=save_full)
     dev = resolve_device(device)
-    sketched, tok = load(model, dtype=run_dtype(model, "auto", dev), device=dev)
+    sketched, tok = load(model, dtype="auto", device=dev)  # fp16 checkpoints run in fp32 on CPU (run_dtype)
     if tok is None:
         raise SketchError(f"{model} has no tokenizer files")
     if resume:
