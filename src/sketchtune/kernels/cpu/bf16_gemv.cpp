@@ -10,7 +10,7 @@
 //
 // Layout (as the fp32 GEMV's wide chunks, in 16-bit lanes): a chunk is 64 bytes of one row — 128 INT4 codes,
 // 256 INT2 — loaded once; 16-bit lane r holds the codes of columns c + L·r … c + L·r + L − 1 (L = 4 or 8), so
-// step q = shift by bits·q and mask gives 32 codes of the columns ≡ q (mod L), one per lane. INT3 chunks are 48
+// step q = shift by bits·q gives 32 codes of the columns ≡ q (mod L), one per lane. INT3 chunks are 48
 // bytes (128 codes) spread into 16 dword lanes of 8 codes (a byte permute, VBMI) and step q takes codes 2q and
 // 2q+1 of every dword lane into its two words. x is reordered once per call to match, so the dot product pairs
 // each weight with its own x. A group's columns past its last whole chunk keep x's order and are decoded 32 at
@@ -67,24 +67,27 @@ void reorder_x(const uint16_t* x, int64_t M, int64_t in, int64_t gpr, int bits, 
   }
 }
 
-// The group's ≤ 16 fp32 codebook entries as bf16 words (nearest even, as torch's .to(bfloat16)) in the low
-// half of a register; vpermw reads 5 index bits, and codes never exceed 15.
+// The group's k = 2^bits fp32 codebook entries as bf16 words (nearest even, as torch's .to(bfloat16)),
+// repeated across all 32 words. vpermw reads only an index's low 5 bits, and with the table repeated they select
+// code mod k — the code itself when the bits above it hold the next codes — so the whole-chunk steps skip the
+// mask after each shift (INT4/INT2: shift, permute, dot product per 32 weights instead of 4 instructions).
 BF16GEMV inline __m512i bf16_table(const float* book, int k) {
   const __m512i rounded = bf16_bits_rne(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1), book));
-  return _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(rounded));
+  const __m256i words = _mm512_cvtepi32_epi16(rounded);  // k words in the low 2k bytes
+  if (k == 16) return _mm512_broadcast_i64x4(words);
+  if (k == 8) return _mm512_broadcast_i32x4(_mm256_castsi256_si128(words));
+  return _mm512_set1_epi64(_mm_cvtsi128_si64(_mm256_castsi256_si128(words)));
 }
 
-// Step q's 32 codes of a loaded chunk `v` (INT3: already spread into dword lanes), one per 16-bit lane.
+// Step q's 32 codes of a loaded chunk `v` (INT3: already spread into dword lanes), one in the low bits of each
+// 16-bit lane; the bits above it hold other codes, which the repeated table (bf16_table) makes harmless.
 template <int kBits, int kQ>
 BF16GEMV inline __m512i step_codes(__m512i v) {
   if constexpr (kBits == 3) {
-    const __m512i t = _mm512_srli_epi32(v, 6 * kQ);  // codes 2q, 2q+1 at bits 0–5 of each dword
-    const __m512i both = _mm512_mask_blend_epi16(0xAAAAAAAAu, t, _mm512_slli_epi32(t, 13));  // 2q+1 → bits 16–18
-    return _mm512_and_si512(both, _mm512_set1_epi32(0x00070007));
+    const __m512i t = kQ ? _mm512_srli_epi32(v, 6 * kQ) : v;  // codes 2q, 2q+1 at bits 0–5 of each dword
+    return _mm512_mask_blend_epi16(0xAAAAAAAAu, t, _mm512_slli_epi32(t, 13));  // 2q+1 → bits 16–18
   } else {
-    const __m512i s = kQ ? _mm512_srli_epi16(v, kBits * kQ) : v;
-    if constexpr (kBits * (kQ + 1) == 16) return s;  // the top code of each lane needs no mask
-    return _mm512_and_si512(s, _mm512_set1_epi16((1 << kBits) - 1));
+    return kQ ? _mm512_srli_epi16(v, kBits * kQ) : v;  // no mask: bf16_table repeats the table
   }
 }
 

@@ -56,6 +56,17 @@ AVX512 inline __m512 load_x16(const Problem& p, int64_t m, int64_t col, __mmask1
   return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p.x) + m * p.in + col);
 }
 
+// The group's k = 2^bits codebook entries repeated across all 16 lanes (k = 8: twice, k = 4: four times).
+// vpermps reads only an index's low 4 bits, and with the table repeated those bits select code mod k — the code
+// itself when the bits above it hold the next codes. The wide and split chunks therefore skip the mask after
+// each shift: 3 instructions per 16 weights instead of 4 (shift, permute, FMA), where the decode, not memory,
+// bounds the GEMV (INT2/INT3, and every layer that stays in cache).
+AVX512 inline __m512 tiled_book(const float* book, int k) {
+  const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << k) - 1), book);
+  if (k == 16) return b;
+  return k == 8 ? _mm512_shuffle_f32x4(b, b, 0x44) : _mm512_shuffle_f32x4(b, b, 0x00);
+}
+
 // 16 codes of `bits` bits from the 2·bits bytes at `src`, as 16 int32 lanes. `avail` is how many bytes may be
 // read there: 8 at once (bits past the chunk are masked off) unless the tensor ends sooner.
 AVX512 inline __m512i codes16(const uint8_t* src, int64_t avail, int bits, __m512i shift_lo, __m512i shift_hi,
@@ -300,15 +311,13 @@ AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
 // columns P·b + j (P = 8 / bits codes per byte, j = 0 … P−1) at bit offset bits·j, so shifting the 16 bytes by
 // bits·j and masking gives 16 codes of the columns ≡ j (mod P), already one per byte. With x reordered once
 // per call into that split (`xs`: per chunk, its columns ≡ 0, then ≡ 1, … mod P, fp32), a chunk costs one
-// load and, per j, a shift, a mask, a widening, a permute and an FMA per token — no interleave back into
+// load and, per j, a shift, a widening, a permute and an FMA per token (no mask: tiled_book) — no interleave back into
 // column order, about half the shuffle-port work of the general path.
 template <int kTokens, int kBits>
 AVX512 void rows_split_t(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
   constexpr int kPer = 8 / kBits, kChunk = 16 * kPer, kK = 1 << kBits;
   const int64_t M = kTokens ? kTokens : p.M;
   const int64_t group = p.in / p.gpr;
-  const __m128i mask = _mm_set1_epi8(static_cast<char>(kK - 1));
-  const __mmask16 book_mask = static_cast<__mmask16>((1u << kK) - 1);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.packed + r * p.row_bytes;
     const float* books = p.codebook + r * p.gpr * kK;
@@ -316,11 +325,11 @@ AVX512 void rows_split_t(const Problem& p, const float* xs, int64_t r0, int64_t 
     for (int j = 0; j < kPer; ++j)
       for (int64_t m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.gpr; ++g) {
-      const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * kK);
+      const __m512 book = tiled_book(books + g * kK, kK);  // no mask after the shift: see tiled_book
       for (int64_t c = g * group; c < (g + 1) * group; c += kChunk) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / kPer));
         for (int j = 0; j < kPer; ++j) {
-          const __m128i codes = _mm_and_si128(_mm_srli_epi16(b, kBits * j), mask);
+          const __m128i codes = j ? _mm_srli_epi16(b, kBits * j) : b;
           const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), book);
           for (int64_t m = 0; m < M; ++m)
             acc[j][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c + 16 * j), acc[j][m]);
@@ -349,7 +358,7 @@ AVX512 void rows_split(const Problem& p, const float* xs, int64_t r0, int64_t r1
 // Wide chunks: 16 dword lanes, lane r holding the kL consecutive codes of columns c + kL·r … (kL = 8 for INT4
 // and INT3, 16 or 8 for INT2), so a chunk of 16·kL columns is one load (INT3: 48 bytes spread into the lanes by
 // one byte permute, AVX-512 VBMI; INT2 with kL = 8: 32 bytes widened word → dword) and, per code position j, a
-// shift, a mask, a permute and an FMA — no widening, half the shuffle-port work of the 32-column split. x is
+// shift, a permute and an FMA (no mask: tiled_book) — no widening, half the shuffle-port work of the 32-column split. x is
 // reordered to match: xs[c + 16j + r] = x[c + kL·r + j]. INT2 takes kL = 8 (128-column chunks) where its groups
 // are not whole 256-column ones: SmolLM2's GPR 4 groups of 144 and 384 columns, which otherwise fell to the
 // general path (144) or the split (384).
@@ -361,10 +370,12 @@ template <int kTokens, int kBits, int kL>
 AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
   constexpr int kChunk = 16 * kL, kK = 1 << kBits;
   constexpr int kBytes = kChunk * kBits / 8;  // 64 (INT4, INT2 with kL = 16), 48 (INT3) or 32 (INT2, kL = 8)
+  // Independent FMA chains per token. One token with two chains was bound by the FMA latency, not by the decode
+  // or memory: 4 cycles per FMA, 2 chains → 16 weights per 2 cycles (Zen 4: INT2 11008×4096 1.77 ms, the same as
+  // INT4's 1.86 from twice the bytes). Two tokens already give two chains each; more would crowd the registers.
+  constexpr int kChains = kTokens == 1 ? 4 : 2;
   const int64_t M = kTokens ? kTokens : p.M;
   const int64_t group = p.in / p.gpr;
-  const __m512i mask = _mm512_set1_epi32(kK - 1);
-  const __mmask16 book_mask = static_cast<__mmask16>((1u << kK) - 1);
   const __mmask64 load_mask = kBytes == 64 ? ~0ULL : ((1ULL << kBytes) - 1);
   // INT3: lane r takes bytes 3r, 3r+1, 3r+2 (the fourth byte is never read by a 3-bit code ≤ bit 23).
   alignas(64) uint8_t spread[64];
@@ -378,11 +389,11 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.packed + r * p.row_bytes;
     const float* books = p.codebook + r * p.gpr * kK;
-    __m512 acc[2][kTokens ? kTokens : kMaxTokens];
-    for (int h = 0; h < 2; ++h)
+    __m512 acc[kChains][kTokens ? kTokens : kMaxTokens];
+    for (int h = 0; h < kChains; ++h)
       for (int64_t m = 0; m < M; ++m) acc[h][m] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.gpr; ++g) {
-      const __m512 book = _mm512_maskz_loadu_ps(book_mask, books + g * kK);
+      const __m512 book = tiled_book(books + g * kK, kK);  // no mask after the shift: see tiled_book
       for (int64_t c = g * group; c < g * group + full; c += kChunk) {
         // 2 KiB ahead in the code stream (rows are contiguous, so past a row's end it is the next row's start),
         // as in bf16_gemv.cpp: one token asks for bytes faster than the hardware prefetcher brings them from DRAM.
@@ -395,10 +406,10 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
           if (kBits == 3) v = _mm512_permutexvar_epi8(spread_idx, v);
         }
         for (int j = 0; j < kL; ++j) {
-          const __m512i codes = _mm512_and_si512(_mm512_srli_epi32(v, kBits * j), mask);
+          const __m512i codes = j ? _mm512_srli_epi32(v, kBits * j) : v;
           const __m512 w = _mm512_permutexvar_ps(codes, book);
           for (int64_t m = 0; m < M; ++m)
-            acc[j & 1][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c + 16 * j), acc[j & 1][m]);
+            acc[j % kChains][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c + 16 * j), acc[j % kChains][m]);
         }
       }
       for (int64_t c = g * group + full; c < (g + 1) * group; c += 16) {  // the tail, in x's own order
@@ -409,7 +420,11 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
           acc[0][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs + m * p.in + c), acc[0][m]);
       }
     }
-    for (int64_t m = 0; m < M; ++m) p.y[m * p.out + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 sum = acc[0][m];
+      for (int h = 1; h < kChains; ++h) sum = _mm512_add_ps(sum, acc[h][m]);
+      p.y[m * p.out + r] = _mm512_reduce_add_ps(sum);
+    }
   }
 }
 
