@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import os
 import platform
@@ -230,13 +231,16 @@ def count(model: nn.Module) -> dict:
 def decode_step_s(model: nn.Module, batch: int, args) -> float:
     """Seconds per decode step (one new token for each of ``batch`` sequences) after a short prefill."""
     ids = torch.randint(0, args.vocab, (batch, args.decode_prompt))
+    # transformers 5.x renamed forward's ``past_key_values`` and the output's field to ``cache`` (the old names
+    # warn until 5.40)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(args.decode_steps):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True, logits_to_keep=1)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{cache_kw: past})
+            past, nxt = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - t0) / args.decode_steps
 
 

@@ -9,6 +9,7 @@ the AVX2 bodies — and, on the bundled real model, that token-by-token decoding
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -138,10 +139,12 @@ def test_native_decoding_gives_the_reference_logits(sketched_dir, monkeypatch):
     def decode(backend: str) -> torch.Tensor:
         monkeypatch.setenv("SKETCHTUNE_KERNELS", backend)
         past, logits = None, []
+        # transformers 5.x renamed forward's ``past_key_values`` to ``cache`` (the old name warns until 5.40)
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.no_grad():
             for t in range(ids.shape[1]):
-                step = model(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
-                past = step.past_key_values
+                step = model(input_ids=ids[:, t : t + 1], use_cache=True, **{cache_kw: past})
+                past = getattr(step, cache_kw)  # the output field has the same name
                 logits.append(step.logits[:, -1])
         return torch.cat(logits)
 
