@@ -89,7 +89,9 @@ class CurveCallback(TrainerCallback):
 
 def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
     """Sketch ``cfg`` (same protocol as the other rows), heal it, and score it before, during and after."""
-    slug = f"int{cfg['bits']}-gpr{cfg['gpr']}" + (f"-lr{args.heal_lr:g}" if args.heal_lr != DEFAULT_HEAL_LR else "")
+    # The step count is in the name: a longer run has another LR schedule, so it cannot resume a shorter one's.
+    slug = (f"int{cfg['bits']}-gpr{cfg['gpr']}" + (f"-lr{args.heal_lr:g}" if args.heal_lr != DEFAULT_HEAL_LR else "")
+            + f"-{args.heal_steps}steps")
     root = Path(args.heal_dir) / slug
     sketched, healed, state_path = root / "sketched", root / "healed", root / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}

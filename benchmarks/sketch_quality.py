@@ -75,8 +75,9 @@ HEAL_CONFIGS = [_sk(2, 4, False), _sk(3, 4, False), _sk(4, 1, False), _sk(4, 4, 
 def label(cfg: dict) -> str:
     if cfg.get("healed"):
         lr = cfg.get("heal_lr", DEFAULT_HEAL_LR)
-        base = {k: v for k, v in cfg.items() if k not in ("healed", "heal_lr")}
-        return f"{label(base)} healed" + (f" lr {lr:g}" if lr != DEFAULT_HEAL_LR else "")
+        base = {k: v for k, v in cfg.items() if k not in ("healed", "heal_lr", "heal_steps")}
+        return (f"{label(base)} healed" + (f" lr {lr:g}" if lr != DEFAULT_HEAL_LR else "")
+                + (f", {cfg['heal_steps']} steps" if "heal_steps" in cfg else ""))
     name = {"sketch": "SketchTune", "rtn": "RTN", "gptq": "GPTQ-uniform"}[cfg["method"]]
     parts = [name, f"INT{cfg['bits']}", f"GPR{cfg['gpr']}"]
     if cfg["method"] == "sketch":
@@ -198,7 +199,7 @@ def main() -> None:
             wanted = [tuple(int(v) for v in item.split(":")) for item in args.heal_configs.split(",")]
             heal_configs = [c for w in wanted for c in HEAL_CONFIGS if (c["bits"], c["gpr"]) == w]
         for cfg in heal_configs[: args.limit] if args.limit and args.only_heal else heal_configs:
-            name = label(dict(cfg, healed=True, heal_lr=args.heal_lr))
+            name = label(dict(cfg, healed=True, heal_lr=args.heal_lr, heal_steps=args.heal_steps))
             if name in done:
                 continue
             row = heal_row(base, tok, cfg, args, split, name)
