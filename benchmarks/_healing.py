@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import PeakRSS
 from transformers import TrainerCallback
 
 import sketchtune
@@ -118,16 +119,17 @@ def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
     if "after" not in state:
         curve = CurveCallback(score, set(args.heal_curve), root / "curve.json")
         resume = (healed.parent / f".{healed.name}.healing").is_dir()
-        job = heal_job(sketched, args.model, healed, calib=split["heal_text"], nsamples=args.heal_nsamples,
-                       seqlen=args.seqlen, seed=1, resume=resume, overwrite=not resume and healed.exists(),
-                       max_steps=args.heal_steps, learning_rate=args.heal_lr,
-                       per_device_train_batch_size=args.heal_batch, save_steps=args.heal_save_steps,
-                       logging_steps=10, callbacks=[curve])
+        with PeakRSS() as mem:  # the teacher, the student, their logits and the optimizer state together
+            job = heal_job(sketched, args.model, healed, calib=split["heal_text"], nsamples=args.heal_nsamples,
+                           seqlen=args.seqlen, seed=1, resume=resume, overwrite=not resume and healed.exists(),
+                           max_steps=args.heal_steps, learning_rate=args.heal_lr,
+                           per_device_train_batch_size=args.heal_batch, save_steps=args.heal_save_steps,
+                           logging_steps=10, callbacks=[curve])
         state["healing"] = {
             "steps": job.metrics["global_step"], "tokens": job.metrics["global_step"] * args.heal_batch * args.seqlen,
             "healing_windows": args.heal_nsamples, "learning_rate": args.heal_lr, "batch": args.heal_batch,
             "seconds": curve.seconds, "seconds_per_step": curve.seconds / max(1, curve.timed_steps),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "peak_rss_bytes": mem.peak,
             "resumed": job.resumed_from is not None, "kl_before": job.kl_before, "kl_after": job.kl_after,
             "kl_eval_tokens": job.eval_tokens,
         }

@@ -177,7 +177,8 @@ def healing(rows: list[dict], fp_ppl: float) -> str:
         body.append([name, f"{b['wikitext2_ppl']:.2f} → {r['wikitext2_ppl']:.2f}",
                      f"{b['heldout_c4_ppl']:.2f} → {r['heldout_c4_ppl']:.2f}",
                      f"{h['kl_before']:.3f} → {h['kl_after']:.3f}", f"{h['steps']}", f"{h['tokens']:,}",
-                     f"{h['seconds'] / 60:.0f} min ({h['seconds_per_step']:.1f} s/step, {h['threads']} thr)", curve])
+                     f"{h['seconds'] / 60:.0f} min ({h['seconds_per_step']:.1f} s/step, {h['threads']} thr"
+                     + (f", peak {h['peak_rss_bytes'] / 2**30:.1f} GiB)" if "peak_rss_bytes" in h else ")"), curve])
     split = rows[0]["split"]
     return (f"**Healing** (`sketchtune heal`, KL(teacher‖student) at T = 1, codebooks only; FP WikiText-2 ppl "
             f"{fp_ppl:.2f}) — healed on C4 windows from the first {split['heal_docs']} documents; held-out C4 = "
