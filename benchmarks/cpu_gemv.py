@@ -7,7 +7,10 @@ computes in bf16), and of the native kernels straight from the packed codes: the
 AVX2 bodies, and (``bf16_gemv``) the bf16 GEMV on bf16 x where the CPU has AVX512-BF16 — the arithmetic NF4's
 kernel does — plus the bytes each keeps resident.
 Every method of a shape is timed round-robin in the same loop, so they share the machine's conditions; ratios
-> 1 mean the kernel is faster. ``--plot`` draws decode time against layer size (PNG beside the JSON).
+> 1 mean the kernel is faster. Against NF4 the rows also hold the ratio paired by round (``*_vs_nf4_paired``:
+median, 95% interval of that median, share of rounds won): on the DRAM-bound shapes this VM's bandwidth drifts
+by ±20% within a run; the per-round ratio cancels drift slower than a round, not the run-to-run spread
+(repeat whole runs for that). ``--plot`` draws decode time against layer size (PNG beside the JSON).
 
     python benchmarks/cpu_gemv.py --threads 1 2
 """
@@ -30,8 +33,9 @@ from sketchtune.kernels import cpu_kernels
 SHAPES = [(1536, 576), (576, 1536), (2048, 2048), (4096, 4096), (11008, 4096)]  # (out, in)
 
 
-def interleaved_ms(fns: dict, repeat: int) -> dict[str, float]:
-    """Median ms per call of each function, timed round-robin (one call of each per round)."""
+def interleaved_times(fns: dict, repeat: int) -> dict[str, list[float]]:
+    """Seconds of every call of each function, timed round-robin (one call of each per round, so round i of
+    every function ran under the same machine conditions)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -40,7 +44,25 @@ def interleaved_ms(fns: dict, repeat: int) -> dict[str, float]:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return times
+
+
+def interleaved_ms(fns: dict, repeat: int) -> dict[str, float]:
+    """Median ms per call of each function, timed round-robin."""
+    return {k: statistics.median(v) * 1e3 for k, v in interleaved_times(fns, repeat).items()}
+
+
+def paired_ratio(base: list[float], ours: list[float]) -> dict:
+    """Per-round speed-up base/ours (paired by round, so a slow stretch of the VM hits both): its median, a
+    distribution-free 95% interval for that median (order statistics, normal approximation to the binomial) and
+    the share of rounds in which ours was faster. The medians of the two columns can disagree with this when
+    the machine's speed drifts during the run; the paired ratio is the comparison that drift cannot fake."""
+    r = sorted(b / o for b, o in zip(base, ours))
+    n = len(r)
+    half = 1.96 * n**0.5 / 2
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(-(-(n / 2 + half) // 1)))
+    return {"median": statistics.median(r), "ci95": [r[lo], r[hi]], "rounds": n,
+            "faster_share": sum(x > 1 for x in r) / n}
 
 
 def nf4_layer(w: torch.Tensor):
@@ -113,7 +135,8 @@ def main() -> None:
                     if ext.bf16_gemv_fits(inp, gpr):
                         fns["bf16_gemv"] = lambda: ext.linear_bf16_gemv(x_bf16, packed, codebook, bits, inp)
                     with torch.no_grad():
-                        ms = interleaved_ms(fns, args.repeat)
+                        times = interleaved_times(fns, args.repeat)
+                    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
                     row = {"out": out, "in": inp, "bits": bits, "gpr": gpr, "threads": threads,
                            **{f"{k}_ms": v for k, v in ms.items()},
                            "dense_fp32_bytes": dense.numel() * 4, "dense_bf16_bytes": dense.numel() * 2,
@@ -124,11 +147,15 @@ def main() -> None:
                             for base in ("dense_fp32", "dense_bf16", "nf4"):
                                 if f"{base}_ms" in row:
                                     row[f"{name}_vs_{base}"] = row[f"{base}_ms"] / row[f"{name}_ms"]
+                            if "nf4" in times:
+                                row[f"{name}_vs_nf4_paired"] = paired_ratio(times["nf4"], times[name])
                     rows.append(row)
                     print(f"{threads}T {out:>6}x{inp:<6} INT{bits} GPR{gpr}  fp32 {ms['dense_fp32']:7.3f}  "
                           f"bf16 {ms['dense_bf16']:7.3f}  " + (f"nf4 {ms['nf4']:7.3f}  " if "nf4" in ms else "")
                           + "  ".join(f"{n} {ms[n]:7.3f} ({row[n + '_vs_dense_fp32']:.2f}x fp32"
-                                      + (f", {row[n + '_vs_nf4']:.2f}x nf4)" if "nf4" in ms else ")")
+                                      + (f", {row[n + '_vs_nf4']:.2f}x nf4, paired {row[n + '_vs_nf4_paired']['median']:.2f}x "
+                                         f"[{row[n + '_vs_nf4_paired']['ci95'][0]:.2f}, "
+                                         f"{row[n + '_vs_nf4_paired']['ci95'][1]:.2f}])" if "nf4" in ms else ")")
                                       for n in ("avx512", "avx2", "bf16_gemv") if n in ms), flush=True)
     write_json(args.out, {"benchmark": "cpu_gemv", "machine": machine_meta(), "repeat": args.repeat, "rows": rows})
     if args.plot:

@@ -214,6 +214,11 @@ def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
     configs = [(4, 1), (4, 4), (3, 1), (2, 1)]
     header = ["threads", "out×in"] + [f"INT{b} GPR{g}" for b, g in configs]
 
+    def ratio(r: dict, kernel: str, base: str) -> float:
+        """Against NF4 the median of the per-round ratios where the run kept them (robust to bandwidth drift)."""
+        paired = r.get(f"{kernel}_vs_{base}_paired")
+        return paired["median"] if paired else r[f"{kernel}_vs_{base}"]
+
     def grid(kernel: str, bases: tuple[str, ...]) -> str:
         """One row per (threads, shape), one cell per config: the kernel's speed-ups over ``bases``."""
         body = []
@@ -224,13 +229,14 @@ def cpu_gemv(d: dict, name: str = "cpu_gemv.json") -> str:
                     r = next((r for r in rows if (r["threads"], r["out"], r["in"], r["bits"], r["gpr"])
                               == (threads, out, inp, bits, gpr)), None)
                     cells.append("—" if r is None or f"{kernel}_ms" not in r else " / ".join(
-                        f"{r[f'{kernel}_vs_{b}']:.2f}×" if f"{kernel}_vs_{b}" in r else "—" for b in bases))
+                        f"{ratio(r, kernel, b):.2f}×" if f"{kernel}_vs_{b}" in r else "—" for b in bases))
                 body.append([str(threads), f"{out}×{inp}"] + cells)
         return _table(header, body)
 
     text = (f"**CPU decode GEMV** (`{name}`, {cpu}, one token, AVX-512, medians of round-robin calls) — speed-up "
             "of the sketch kernel over dense fp32 / dense bf16 `F.linear` / bitsandbytes NF4 `Linear4bit` (> 1: the "
-            f"sketch is faster). AVX2 rows and bytes are in the JSON; `{name[:-5]}.png` plots the times.\n\n"
+            "sketch is faster; against NF4 the median of the per-round ratios where the JSON has them, with their "
+            f"95% intervals there). AVX2 rows and bytes are in the JSON; `{name[:-5]}.png` plots the times.\n\n"
             + grid("avx512", ("dense_fp32", "dense_bf16", "nf4")))
     if any("bf16_gemv_ms" in r for r in rows):
         text += ("\n\nThe same with bf16 activations on the bf16 GEMV (`bf16_gemv.cpp`: bf16 Ŵ × bf16 x, fp32 "

@@ -25,6 +25,7 @@
 #include <immintrin.h>
 
 #include "bf16_round.h"
+#include "prefetch.h"
 
 #include <algorithm>
 #include <utility>
@@ -142,6 +143,7 @@ BF16GEMV void rows(const uint8_t* packed, int64_t row_bytes, const float* codebo
   const __mmask64 load_mask = kLoad == 64 ? ~0ULL : (1ULL << kLoad) - 1;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = packed + r * row_bytes;
+    prefetch_books(codebook + (r + 8) * gpr * kK, gpr * kK);  // 8 rows ahead, as in lut_gemv.cpp
     __m512 acc[kTokens][kChains];
     for (int m = 0; m < kTokens; ++m)
       for (int k = 0; k < kChains; ++k) acc[m][k] = _mm512_setzero_ps();
@@ -150,8 +152,12 @@ BF16GEMV void rows(const uint8_t* packed, int64_t row_bytes, const float* codebo
       for (int64_t c = g * group; c < g * group + full; c += kChunk) {
         // 2 KiB ahead in the code stream (past the row's end it is the next row's start: rows are contiguous).
         // This kernel asks for bytes faster than the hardware prefetcher alone delivers them from DRAM: on
-        // Zen 4, 11008×4096 INT4 took 2.3–2.5 ms without, 1.5–1.8 with 1–2 KiB (bitsandbytes NF4 1.5–1.8).
+        // Zen 4, 11008×4096 INT4 took 2.3–2.5 ms without, 1.5–1.8 with 1–2 KiB (bitsandbytes NF4 1.5–1.8), and
+        // 0.91–1.06 ms (1.68–1.83× NF4, paired by round) when 64-byte chunks also ask 6 KiB ahead into L2.
+        // INT3 and narrow INT2 chunks did not gain from the second prefetch (their decode bounds them).
         _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
+        if constexpr (kLoad == 64 && !kNarrow)
+          _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 6144), _MM_HINT_T1);
         __m512i v;
         if constexpr (kNarrow) {
           v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kBits / 8)));

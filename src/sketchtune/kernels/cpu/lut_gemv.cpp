@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include "bf16_round.h"
+#include "prefetch.h"
 
 #include <algorithm>
 #include <cstring>
@@ -309,9 +310,9 @@ AVX512 void rows_avx512_t(const Problem& p, int64_t r0, int64_t r1) {
 
 // INT4 and INT2 with groups of whole chunks (16 bytes: 32 INT4 or 64 INT2 codes). Byte b holds the codes of
 // columns P·b + j (P = 8 / bits codes per byte, j = 0 … P−1) at bit offset bits·j, so shifting the 16 bytes by
-// bits·j and masking gives 16 codes of the columns ≡ j (mod P), already one per byte. With x reordered once
-// per call into that split (`xs`: per chunk, its columns ≡ 0, then ≡ 1, … mod P, fp32), a chunk costs one
-// load and, per j, a shift, a widening, a permute and an FMA per token (no mask: tiled_book) — no interleave back into
+// bits·j puts the 16 codes of the columns ≡ j (mod P) in the low bits of each byte. With x reordered once per
+// call into that split (`xs`: per chunk, its columns ≡ 0, then ≡ 1, … mod P, fp32), a chunk costs one load and,
+// per j, a shift, a widening, a permute and an FMA per token (no mask: tiled_book) — no interleave back into
 // column order, about half the shuffle-port work of the general path.
 template <int kTokens, int kBits>
 AVX512 void rows_split_t(const Problem& p, const float* xs, int64_t r0, int64_t r1) {
@@ -358,10 +359,10 @@ AVX512 void rows_split(const Problem& p, const float* xs, int64_t r0, int64_t r1
 // Wide chunks: 16 dword lanes, lane r holding the kL consecutive codes of columns c + kL·r … (kL = 8 for INT4
 // and INT3, 16 or 8 for INT2), so a chunk of 16·kL columns is one load (INT3: 48 bytes spread into the lanes by
 // one byte permute, AVX-512 VBMI; INT2 with kL = 8: 32 bytes widened word → dword) and, per code position j, a
-// shift, a permute and an FMA (no mask: tiled_book) — no widening, half the shuffle-port work of the 32-column split. x is
-// reordered to match: xs[c + 16j + r] = x[c + kL·r + j]. INT2 takes kL = 8 (128-column chunks) where its groups
-// are not whole 256-column ones: SmolLM2's GPR 4 groups of 144 and 384 columns, which otherwise fell to the
-// general path (144) or the split (384).
+// shift, a permute and an FMA (no mask: tiled_book) — no widening, half the shuffle-port work of the 32-column
+// split. x is reordered to match: xs[c + 16j + r] = x[c + kL·r + j]. INT2 takes kL = 8 (128-column chunks)
+// where its groups are not whole 256-column ones: SmolLM2's GPR 4 groups of 144 and 384 columns, which
+// otherwise fell to the general path (144) or the split (384).
 // A group's columns past its last whole chunk (groups need only be a multiple of 16 columns) keep x's order
 // and are decoded 16 at a time as in the general path.
 #define AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma")))
@@ -389,6 +390,7 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = p.packed + r * p.row_bytes;
     const float* books = p.codebook + r * p.gpr * kK;
+    prefetch_books(books + 8 * p.gpr * kK, p.gpr * kK);  // 8 rows ahead: GPR 4's tables are 11% of INT4's bytes
     __m512 acc[kChains][kTokens ? kTokens : kMaxTokens];
     for (int h = 0; h < kChains; ++h)
       for (int64_t m = 0; m < M; ++m) acc[h][m] = _mm512_setzero_ps();
@@ -397,7 +399,13 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
       for (int64_t c = g * group; c < g * group + full; c += kChunk) {
         // 2 KiB ahead in the code stream (rows are contiguous, so past a row's end it is the next row's start),
         // as in bf16_gemv.cpp: one token asks for bytes faster than the hardware prefetcher brings them from DRAM.
+        // 64-byte chunks (INT4, INT2 with 16 codes a lane) also ask 6 KiB ahead into L2: one line in flight per
+        // chunk at 2 KiB was too few for INT4 (Zen 4, one thread, 11008×4096: 1.7–2.3 ms, 0.77–1.02× NF4 paired
+        // by round; with it 1.42–1.71 ms, 1.05–1.21×; no prefetch at all 3.1–3.5 ms). INT3 (48-byte chunks) is
+        // bound by its decode and lost 5–10% to the extra instruction, so it keeps the one.
         _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
+        if constexpr (kBytes == 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 6144), _MM_HINT_T1);
         __m512i v;
         if constexpr (kBytes == 32) {
           v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kBits / 8)));
@@ -500,7 +508,8 @@ AVX2 inline __m256 load_x8(const Problem& p, int64_t m, int64_t col, int64_t val
     return _mm256_load_ps(buf);
   }
   if (p.bf16) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.x) + m * p.in + col));
+    const uint16_t* xh = static_cast<const uint16_t*>(p.x) + m * p.in + col;
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xh));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   return _mm256_loadu_ps(static_cast<const float*>(p.x) + m * p.in + col);
