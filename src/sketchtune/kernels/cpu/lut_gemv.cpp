@@ -402,7 +402,7 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
         // 64-byte chunks (INT4, INT2 with 16 codes a lane) also ask 6 KiB ahead into L2: one line in flight per
         // chunk at 2 KiB was too few for INT4 (Zen 4, one thread, 11008×4096: 1.7–2.3 ms, 0.77–1.02× NF4 paired
         // by round; with it 1.42–1.71 ms, 1.05–1.21×; no prefetch at all 3.1–3.5 ms). INT3 (48-byte chunks) is
-        // bound by its decode and lost 5–10% to the extra instruction, so it keeps the one.
+        // bound by its decode and lost 5–15% to the extra instruction, so it keeps the one.
         _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
         if constexpr (kBytes == 64)
           _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 6144), _MM_HINT_T1);
