@@ -25,7 +25,7 @@
 #include <immintrin.h>
 
 #include "bf16_round.h"
-#include "prefetch.h"
+#include "gemv_common.h"
 
 #include <algorithm>
 #include <utility>
@@ -38,12 +38,9 @@ namespace {
 
 #define BF16GEMV __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512bf16,fma")))
 
-
+// `narrow`: narrow_chunks (gemv_common.h), the rule lut_gemv.cpp's INT2 lanes follow too.
 constexpr int chunk_cols(int bits, bool narrow) { return bits == 2 && !narrow ? 256 : 128; }
 constexpr int steps(int bits, bool narrow) { return bits == 2 && !narrow ? 8 : 4; }  // 32-weight steps per chunk
-
-// Whether a layer of INT2 groups of `group` columns takes narrow chunks.
-inline bool narrow_chunks(int bits, int64_t group) { return bits == 2 && group % 256 != 0; }
 
 // Column of x that lane r (0…31) of step q of a chunk multiplies.
 inline int64_t lane_column(int bits, bool narrow, int64_t q, int64_t r) {

@@ -16,7 +16,7 @@
 #include <immintrin.h>
 
 #include "bf16_round.h"
-#include "prefetch.h"
+#include "gemv_common.h"
 
 #include <algorithm>
 #include <cstring>
@@ -661,7 +661,7 @@ void gemv_block(const Problem& p, int use) {
   const int64_t group = in_features / p.gpr;
   // Which decoding: wide chunks when they tile the group exactly; else the 32/64-column split when it does
   // (INT4/INT2); else wide chunks with a tail; else the general path.
-  const int64_t lanes = bits == 2 && group % 256 == 0 ? 16 : 8, wide = 16 * lanes;
+  const int64_t lanes = bits == 2 && !narrow_chunks(bits, group) ? 16 : 8, wide = 16 * lanes;
   const bool split_fits = (bits == 4 || bits == 2) && group % (16 * 8 / bits) == 0;
   if (use == 2 && vbmi() && group % 16 == 0 && group >= wide && (group % wide == 0 || !split_fits)) {
     std::vector<float> xs(static_cast<size_t>(p.M * in_features));
