@@ -158,7 +158,10 @@ def finetune_evidence(d: dict, task: str) -> str:
                 "bootstrap over test records (stratified by set, seed-averaged); base ratio = baseline base bytes / "
                 "SketchTune base bytes.\n",
                 _table(["pair", "seeds", "avg acc (t)", "avg acc (records)", "val loss (t)", "base ratio"], rows)]
-    if budget:
+    if budget and not budget.get("measured_s_per_step"):  # no training unit yet: nothing to project from
+        out.append(f"\nNo training unit finished yet; {len(budget.get('units_not_yet_projectable', []))} units "
+                   "are not yet projectable.")
+    elif budget:
         sps = ", ".join(f"{k} {v:.2f}" for k, v in budget.get("measured_s_per_step", {}).items())
         out.append(f"\nMeasured s/step: {sps}. Projected CPU hours for the whole protocol: "
                    f"{budget.get('projected_cpu_hours_total', float('nan')):.1f} "
