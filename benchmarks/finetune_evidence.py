@@ -754,7 +754,8 @@ def main() -> None:
         print(f"    done in {row['unit_seconds'] / 60:.1f} min: "
               + ", ".join(f"{k} {v:.4g}" for k, v in brief.items()), flush=True)
         print(summary(state["analysis"], proj), flush=True)
-    print(f"wrote {out} and {plot_path}", flush=True)
+    # The learning-curve plot exists once a main (seeded) run has finished.
+    print(f"wrote {out}" + (f" and {plot_path}" if plot_path.is_file() else " (no curves to plot yet)"), flush=True)
 
 
 #: Defaults per task (every one is a command-line option), sized from s/step measured by tiny smoke runs on
