@@ -47,9 +47,13 @@ def interleaved_times(fns: dict, repeat: int) -> dict[str, list[float]]:
     return times
 
 
+def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def interleaved_ms(fns: dict, repeat: int) -> dict[str, float]:
     """Median ms per call of each function, timed round-robin."""
-    return {k: statistics.median(v) * 1e3 for k, v in interleaved_times(fns, repeat).items()}
+    return median_ms(interleaved_times(fns, repeat))
 
 
 def paired_ratio(base: list[float], ours: list[float]) -> dict:
@@ -63,6 +67,13 @@ def paired_ratio(base: list[float], ours: list[float]) -> dict:
     lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(-(-(n / 2 + half) // 1)))
     return {"median": statistics.median(r), "ci95": [r[lo], r[hi]], "rounds": n,
             "faster_share": sum(x > 1 for x in r) / n}
+
+
+def vs_nf4(row: dict, name: str) -> str:
+    """The printed NF4 comparison of kernel ``name``: ratio of medians, then the paired median and its interval."""
+    paired = row[f"{name}_vs_nf4_paired"]
+    return (f", {row[name + '_vs_nf4']:.2f}x nf4, paired {paired['median']:.2f}x "
+            f"[{paired['ci95'][0]:.2f}, {paired['ci95'][1]:.2f}])")
 
 
 def nf4_layer(w: torch.Tensor):
@@ -136,7 +147,7 @@ def main() -> None:
                         fns["bf16_gemv"] = lambda: ext.linear_bf16_gemv(x_bf16, packed, codebook, bits, inp)
                     with torch.no_grad():
                         times = interleaved_times(fns, args.repeat)
-                    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+                    ms = median_ms(times)
                     row = {"out": out, "in": inp, "bits": bits, "gpr": gpr, "threads": threads,
                            **{f"{k}_ms": v for k, v in ms.items()},
                            "dense_fp32_bytes": dense.numel() * 4, "dense_bf16_bytes": dense.numel() * 2,
@@ -153,9 +164,7 @@ def main() -> None:
                     print(f"{threads}T {out:>6}x{inp:<6} INT{bits} GPR{gpr}  fp32 {ms['dense_fp32']:7.3f}  "
                           f"bf16 {ms['dense_bf16']:7.3f}  " + (f"nf4 {ms['nf4']:7.3f}  " if "nf4" in ms else "")
                           + "  ".join(f"{n} {ms[n]:7.3f} ({row[n + '_vs_dense_fp32']:.2f}x fp32"
-                                      + (f", {row[n + '_vs_nf4']:.2f}x nf4, paired {row[n + '_vs_nf4_paired']['median']:.2f}x "
-                                         f"[{row[n + '_vs_nf4_paired']['ci95'][0]:.2f}, "
-                                         f"{row[n + '_vs_nf4_paired']['ci95'][1]:.2f}])" if "nf4" in ms else ")")
+                                      + (vs_nf4(row, n) if "nf4" in ms else ")")
                                       for n in ("avx512", "avx2", "bf16_gemv") if n in ms), flush=True)
     write_json(args.out, {"benchmark": "cpu_gemv", "machine": machine_meta(), "repeat": args.repeat, "rows": rows})
     if args.plot:

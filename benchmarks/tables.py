@@ -176,7 +176,7 @@ def healing(rows: list[dict], fp_ppl: float) -> str:
     for r in sorted(rows, key=lambda r: (-r["bits"], r["gpr"])):
         b, h = r["before"], r["healing"]
         curve = ", ".join(f"{p['step']}: {p['wikitext2_ppl']:.1f}/{p['heldout_c4_ppl']:.1f}" for p in r["curve"])
-        name = r["label"].replace(" healed", "").rsplit(", ", 1)[0]  # the steps have their own column
+        name = r["label"].replace(" healed", "").removesuffix(f", {h['steps']} steps")  # steps: own column
         body.append([name, f"{b['wikitext2_ppl']:.2f} → {r['wikitext2_ppl']:.2f}",
                      f"{b['heldout_c4_ppl']:.2f} → {r['heldout_c4_ppl']:.2f}",
                      f"{h['kl_before']:.3f} → {h['kl_after']:.3f}", f"{h['steps']}", f"{h['tokens']:,}",

@@ -157,14 +157,9 @@ BF16GEMV void rows(const uint8_t* packed, int64_t row_bytes, const float* codebo
     for (int64_t g = 0; g < gpr; ++g) {
       const __m512i table = bf16_table(codebook + (r * gpr + g) * kK, kK);
       for (int64_t c = g * group; c < g * group + full; c += kChunk) {
-        // 2 KiB ahead in the code stream (past the row's end it is the next row's start: rows are contiguous).
-        // This kernel asks for bytes faster than the hardware prefetcher alone delivers them from DRAM: on
-        // Zen 4, 11008×4096 INT4 took 2.3–2.5 ms without, 1.5–1.8 with 1–2 KiB (bitsandbytes NF4 1.5–1.8), and
-        // 0.91–1.06 ms (1.68–1.83× NF4, paired by round) when 64-byte chunks also ask 6 KiB ahead into L2.
-        // INT3 and narrow INT2 chunks did not gain from the second prefetch (their decode bounds them).
-        _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
-        if constexpr (kLoad == 64 && !kNarrow)
-          _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 6144), _MM_HINT_T1);
+        // One token asks for bytes faster than the hardware prefetcher alone delivers them from DRAM (on Zen 4,
+        // 11008×4096 INT4 took 2.3–2.5 ms without any, 1.5–1.8 with 2 KiB): see prefetch_codes.
+        prefetch_codes<kLoad == 64 && !kNarrow>(row + c * kBits / 8);
         __m512i v;
         if constexpr (kNarrow) {
           v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kBits / 8)));

@@ -397,15 +397,8 @@ AVX512VBMI void rows_wide_t(const Problem& p, const float* xs, int64_t r0, int64
     for (int64_t g = 0; g < p.gpr; ++g) {
       const __m512 book = tiled_book(books + g * kK, kK);  // no mask after the shift: see tiled_book
       for (int64_t c = g * group; c < g * group + full; c += kChunk) {
-        // 2 KiB ahead in the code stream (rows are contiguous, so past a row's end it is the next row's start),
-        // as in bf16_gemv.cpp: one token asks for bytes faster than the hardware prefetcher brings them from DRAM.
-        // 64-byte chunks (INT4, INT2 with 16 codes a lane) also ask 6 KiB ahead into L2: one line in flight per
-        // chunk at 2 KiB was too few for INT4 (Zen 4, one thread, 11008×4096: 1.7–2.3 ms, 0.77–1.02× NF4 paired
-        // by round; with it 1.42–1.71 ms, 1.05–1.21×; no prefetch at all 3.1–3.5 ms). INT3 (48-byte chunks) is
-        // bound by its decode and lost 5–15% to the extra instruction, so it keeps the one.
-        _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 2048), _MM_HINT_T0);
-        if constexpr (kBytes == 64)
-          _mm_prefetch(reinterpret_cast<const char*>(row + c * kBits / 8 + 6144), _MM_HINT_T1);
+        // One token asks for bytes faster than the hardware prefetcher brings them from DRAM: see prefetch_codes.
+        prefetch_codes<kBytes == 64>(row + c * kBits / 8);
         __m512i v;
         if constexpr (kBytes == 32) {
           v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kBits / 8)));
