@@ -477,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {interrupted_message(args)}", file=sys.stderr)  # own line, even after a progress bar
         return 130
     finally:
+        from .train.distributed import end_process_group
+
+        end_process_group()  # under torchrun: before the interpreter exits, or gloo may abort it
         torch.set_num_threads(threads_before)
     return 0
 
