@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -141,6 +142,10 @@ def finetune_evidence(d: dict, task: str) -> str:
     if body:
         out.append(_table(["method", "trainable", "base MiB", "LR", "seeds", "val loss"] + tasks
                           + ["avg acc", "plateau step", "s/step", "peak MiB"], body))
+    grid_rows = lr_grid_rows(d)
+    if grid_rows:
+        out += ["\n**LR grid** (validation loss after each short run; the pick in bold, — not run yet).\n",
+                _table(["method", "validation loss at each learning rate", "picked"], grid_rows)]
     if a.get("bases"):
         rows = [[b, f"{e['base_model_bytes'] / 2**20:.1f}", f"{e['val_loss']:.4f}"]
                 + [f"{e['accuracy'][t]:.3f}" for t in (tasks or list(e["accuracy"]))] + [f"{e['avg_accuracy']:.3f}"]
@@ -168,7 +173,24 @@ def finetune_evidence(d: dict, task: str) -> str:
                    f"({budget.get('projected_cpu_hours_remaining', float('nan')):.1f} remaining"
                    + (f", {len(budget['units_not_yet_projectable'])} units not yet projectable"
                       if budget.get("units_not_yet_projectable") else "") + ").")
-    return "\n".join(out)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out))  # one blank line where a table is left out
+
+
+def lr_grid_rows(d: dict) -> list[list[str]]:
+    """Per method with at least one finished LR point: each grid point's validation loss, and the pick."""
+    units, chosen = d.get("units", {}), d["meta"].get("chosen_lrs", {})
+    rows = []
+    for method, grid in d["meta"].get("lr_grids", {}).items():
+        done = {u["learning_rate"]: u["val_loss"] for k, u in units.items()
+                if k.startswith(f"lr/{method}/") and u.get("val_loss") is not None}
+        if not done:
+            continue
+        cells = []
+        for lr in grid:
+            cell = f"{lr:g}: " + (f"{done[lr]:.4f}" if lr in done else "—")
+            cells.append(f"**{cell}**" if lr == chosen.get(method) else cell)
+        rows.append([method, " · ".join(cells), f"{chosen[method]:g}" if chosen.get(method) else "—"])
+    return rows
 
 
 def healing(rows: list[dict], fp_ppl: float) -> str:
