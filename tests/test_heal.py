@@ -22,7 +22,7 @@ from sketchtune.cli import main
 from sketchtune.errors import SketchError
 from sketchtune.modeling import BUNDLED_MODEL, load_model
 from sketchtune.sketch.calibration import calibration_tokens
-from sketchtune.train import heal
+from sketchtune.train import HEAL_LEARNING_RATE, heal
 from sketchtune.train.heal import mean_kl, token_kl
 from sketchtune.workflows import heal_job
 
@@ -87,6 +87,7 @@ def test_heal_lowers_heldout_kl_and_changes_only_codebooks(int2_dir, tmp_path):
     assert changed and all(k.endswith(".codebook") for k in changed)
     healing = after.config.quantization_config.healing
     assert healing["steps"] == 24 and healing["kl_after"] == pytest.approx(job.kl_after)
+    assert healing["learning_rate"] == HEAL["learning_rate"]
     assert not (tmp_path / ".healed.healing").exists()
 
 
@@ -149,6 +150,7 @@ def test_sketch_heal_steps_shortcut(capsys, tmp_path):
     assert "healed 4 steps: KL to" in printed
     model, _ = sketchtune.load(out)
     assert model.config.quantization_config.healing["steps"] == 4
+    assert model.config.quantization_config.healing["learning_rate"] == HEAL_LEARNING_RATE  # as `heal` heals
     assert not (tmp_path / ".sk.healing").exists() and not (tmp_path / ".sk.partial").exists()
     assert main(["sketch", "--stream", "--heal-steps", "4", "--out", str(tmp_path / "x")]) == 2
     assert "cannot follow --stream" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import SketchError
 from .prompts import DEFAULT_PROMPT
 from .threads import free_cores
+from .train import HEAL_LEARNING_RATE
 
 
 def _positive_int(text: str) -> int:
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     hl.add_argument("--resume", action="store_true", help="continue a killed heal into --out")
     hl.add_argument("--overwrite", action="store_true", help="replace --out (or start a partial heal over)")
     hl.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    _training_flags(hl, **{"--max-steps": 200, "--learning-rate": 1e-4, "--seed": 1})
+    _training_flags(hl, **{"--max-steps": 200, "--learning-rate": HEAL_LEARNING_RATE, "--seed": 1})
 
     ad = command("analyze-delta", "rank / sketch analysis of a fine-tuning update BASE -> TUNED")
     ad.add_argument("base", help="dense model, or a sketched checkpoint")

@@ -35,6 +35,7 @@ from .prompts import DEFAULT_PROMPT, format_prompt
 from .sketch.calibration import calibration_tokens
 from .sketch.pipeline import DEFAULT_IMPORTANCE, DEFAULT_S, TABLE_MIN_BITS, SketchReport, sketch_model
 from .sketch.streaming import StreamedModel, write_streamed_checkpoint
+from .train import HEAL_LEARNING_RATE
 
 Notify = Callable[[str], None]
 
@@ -252,6 +253,8 @@ def heal_job(
     )
     from .train.trainer import resume_checkpoint, train_sketch
 
+    if training_args.get("learning_rate") is None:  # `sketch --heal-steps` heals as `heal` does
+        training_args["learning_rate"] = HEAL_LEARNING_RATE
     out = Path(out)
     in_place = out.resolve() == Path(model).resolve()
     if resume and overwrite and not in_place:
@@ -295,7 +298,7 @@ def heal_job(
     qc.healing = {"teacher": str(teacher), "calibration": {"source": str(calib), "nsamples": nsamples,
                   "seqlen": seqlen, "seed": seed}, "steps": metrics["global_step"],
                   "tokens": metrics["global_step"] * metrics["examples_per_step"] * seqlen,
-                  "temperature": temperature, "direction": direction,
+                  "learning_rate": training_args["learning_rate"], "temperature": temperature, "direction": direction,
                   "kl_before": kl_before, "kl_after": kl_after}
     save(student, tok, out, dtype=dtype, overwrite=overwrite)
     shutil.rmtree(run, ignore_errors=True)
