@@ -298,8 +298,8 @@ def heal_job(
     qc.healing = {"teacher": str(teacher), "calibration": {"source": str(calib), "nsamples": nsamples,
                   "seqlen": seqlen, "seed": seed}, "steps": metrics["global_step"],
                   "tokens": metrics["global_step"] * metrics["examples_per_step"] * seqlen,
-                  "learning_rate": training_args["learning_rate"], "temperature": temperature, "direction": direction,
-                  "kl_before": kl_before, "kl_after": kl_after}
+                  "learning_rate": training_args["learning_rate"], "temperature": temperature,
+                  "direction": direction, "kl_before": kl_before, "kl_after": kl_after}
     save(student, tok, out, dtype=dtype, overwrite=overwrite)
     shutil.rmtree(run, ignore_errors=True)
     return HealJob(out=out, kl_before=kl_before, kl_after=kl_after, eval_tokens=eval_tokens.numel(),

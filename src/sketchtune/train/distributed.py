@@ -76,7 +76,7 @@ def end_process_group() -> None:
     """Destroy the default process group, if one was started (``Trainer`` starts it under ``torchrun``).
 
     Why: a process that exits with the group alive tears gloo's worker threads down during interpreter
-    finalization, and about one ``torchrun`` run in twenty here died there with SIGABRT ("terminate called
+    finalization, and about one ``torchrun`` run in 25 here died there with SIGABRT ("terminate called
     without an active exception", pytorch/pytorch#190489) after training had finished — a failed run for
     ``torchrun``, its adapter written or not. Every collective of a run is over when the command returns, so
     this is local to the rank and needs no barrier.
@@ -88,4 +88,3 @@ def end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # the run's FSDP model and DTensors hold the group: free them while Python still runs
         dist.destroy_process_group()
-
