@@ -177,19 +177,18 @@ def finetune_evidence(d: dict, task: str) -> str:
 
 
 def lr_grid_rows(d: dict) -> list[list[str]]:
-    """Per method with at least one finished LR point: each grid point's validation loss, and the pick."""
-    units, chosen = d.get("units", {}), d["meta"].get("chosen_lrs", {})
+    """Per method with at least one finished LR point: each grid point's validation loss (the analysis's
+    ``lr_grid_val_loss``, keyed by ``f"{lr:g}"``) in the grid's order, and the pick."""
     rows = []
-    for method, grid in d["meta"].get("lr_grids", {}).items():
-        done = {u["learning_rate"]: u["val_loss"] for k, u in units.items()
-                if k.startswith(f"lr/{method}/") and u.get("val_loss") is not None}
+    for method, e in d["analysis"]["methods"].items():
+        done = {lr: v for lr, v in e.get("lr_grid_val_loss", {}).items() if v is not None}
         if not done:
             continue
-        cells = []
-        for lr in grid:
-            cell = f"{lr:g}: " + (f"{done[lr]:.4f}" if lr in done else "—")
-            cells.append(f"**{cell}**" if lr == chosen.get(method) else cell)
-        rows.append([method, " · ".join(cells), f"{chosen[method]:g}" if chosen.get(method) else "—"])
+        picked, cells = e.get("chosen_lr"), []
+        for lr in d["meta"]["lr_grids"][method]:
+            cell = f"{lr:g}: " + (f"{done[f'{lr:g}']:.4f}" if f"{lr:g}" in done else "—")
+            cells.append(f"**{cell}**" if lr == picked else cell)
+        rows.append([method, " · ".join(cells), f"{picked:g}" if picked else "—"])
     return rows
 
 
