@@ -9,8 +9,10 @@ documents before, along (``--heal-curve`` steps) and after healing (see ``_heali
 ``--sweep-s`` adds the k-means importance-exponent sweep (s ∈ {0..4}, both importance definitions);
 ``--embeddings`` adds rows that sketch the tied token embedding / LM head too (``--sketch-embeddings``), each
 also scored with the dense table put back over the very same decoder sketch, so the table's own cost shows;
-``--paper-importance`` reruns every sketch row with the paper's importance as written; ``--resume`` keeps
-the rows already in ``--out``.
+``--paper-importance`` reruns every sketch row with the paper's importance as written; ``--calib-rows NxL``
+re-sketches ``--calib-configs`` (default INT3 GPR4 k-means) calibrated on N windows of L tokens drawn from the
+healing documents, so the held-out C4 documents stay unseen (does more calibration lift the sketch?);
+``--resume`` keeps the rows already in ``--out``.
 
     python benchmarks/sketch_quality.py --data-dir ../shared/data
 """
@@ -70,6 +72,24 @@ PAPER_IMPORTANCE_CONFIGS = [dict(cfg, s=3.0, importance="paper") for cfg in MAIN
 # Healing: the three configurations with targets in issue #13 first, then the other three.
 HEAL_CONFIGS = [_sk(2, 4, False), _sk(3, 4, False), _sk(4, 1, False), _sk(4, 4, False), _sk(3, 1, False),
                 _sk(2, 1, False)]
+# More calibration (--calib-rows): INT3 GPR4, the middle healing target, unless --calib-configs says otherwise.
+CALIB_CONFIGS = [_sk(3, 4, False)]
+
+
+def _pick(configs: list[dict], spec: str | None) -> list[dict]:
+    """``"BITS:GPR,…"`` picks (and orders) a subset of ``configs``; None keeps them all."""
+    if not spec:
+        return configs
+    wanted = [tuple(int(v) for v in item.split(":")) for item in spec.split(",")]
+    return [c for w in wanted for c in configs if (c["bits"], c["gpr"]) == w]
+
+
+def _calib_size(text: str) -> tuple[int, int]:
+    try:
+        n, length = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--calib-rows wants NxL (windows x tokens), e.g. 128x2048; got {text!r}") from None
+    return n, length
 
 
 def label(cfg: dict) -> str:
@@ -88,16 +108,19 @@ def label(cfg: dict) -> str:
         table = " ".join(([f"INT{cfg['embedding_bits']}"] if cfg.get("embedding_bits") else [])
                          + ([f"GPR{cfg['embedding_gpr']}"] if cfg.get("embedding_gpr") else []))
         parts.append(f"+ {table} embeddings" if table else "+ embeddings")
-    return " ".join(parts)
+    calib = cfg.get("calibration")
+    return " ".join(parts) + (f", calibration {calib['nsamples']}x{calib['seqlen']}" if calib else "")
 
 
 def run_config(base, tok, cfg, args, workdir: Path) -> dict:
     model = copy.deepcopy(base)
     kwargs = {k: v for k, v in cfg.items() if k in ("method", "bits", "gpr", "refit", "s", "importance", "embeddings",
                                                   "embedding_bits", "embedding_gpr")}
+    calib = cfg.get("calibration") or {}  # a --calib-rows row: its own text and size
     with PeakRSS() as mem:
         report = sketchtune.sketch_model(
-            model, tok, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+            model, tok, calib=calib.get("path", args.calib), nsamples=calib.get("nsamples", args.nsamples),
+            seqlen=calib.get("seqlen", args.seqlen), seed=calib.get("seed", args.seed),
             device=args.device, progress=not args.quiet, **kwargs,
         )
     out = workdir / "ckpt"
@@ -117,6 +140,8 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
             setattr(reloaded.get_submodule(parent) if parent else reloaded, child, module.to(args.device))
         extra["dense_table_wikitext2_ppl"] = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen,
                                                         args.eval_windows, progress=False).ppl
+    cfg = {k: v for k, v in cfg.items() if k != "calibration"} | (
+        {"calibration": {k: v for k, v in calib.items() if k != "path"}} if calib else {})
     return {
         "label": label(cfg), **cfg,
         **({"s": DEFAULT_S, "importance": DEFAULT_IMPORTANCE, **cfg} if cfg["method"] == "sketch" else {}),
@@ -160,6 +185,10 @@ def main() -> None:
     p.add_argument("--heal-save-steps", type=int, default=25, help="resumable checkpoint every N healing steps")
     p.add_argument("--heal-configs", default=None, help="BITS:GPR,… — heal only these, in this order")
     p.add_argument("--heal-dir", default="benchmarks/cache/heal", help="sketches and partial heals (resumable)")
+    p.add_argument("--calib-rows", nargs="*", default=[], metavar="NxL",
+                   help="also sketch --calib-configs calibrated on N windows of L tokens of the healing documents")
+    p.add_argument("--calib-configs", default=None, help="BITS:GPR,… for --calib-rows (default: 3:4)")
+    p.add_argument("--only-calib-rows", action="store_true", help="run only the --calib-rows rows")
     p.add_argument("--heldout-docs", type=int, default=100, help="last C4 documents kept out of everything")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--limit", type=int, default=None, help="run only the first N configurations (smoke test)")
@@ -182,7 +211,7 @@ def main() -> None:
         fp = perplexity(base.to(args.device), tok, args.eval_data, args.eval_seqlen, args.eval_windows, progress=False)
         base.to("cpu")
         rows.insert(0, {"label": "FP32 (dequantized GGUF)", "method": "fp", "wikitext2_ppl": fp.ppl})
-    only = args.only_sweep or args.only_heal or args.only_embeddings
+    only = args.only_sweep or args.only_heal or args.only_embeddings or args.only_calib_rows
     configs = (([] if only else MAIN_CONFIGS)
                + (EMBEDDING_CONFIGS if args.embeddings or args.only_embeddings else [])
                + (SWEEP_CONFIGS if args.sweep_s or args.only_sweep else [])
@@ -192,12 +221,18 @@ def main() -> None:
     for row in rows:
         print(f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}  (earlier run)" if row["method"] != "fp"
               else f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}")
-    if args.heal or args.only_heal:
+    split = None
+    if args.heal or args.only_heal or args.calib_rows:
         split = split_c4(tok, args.calib, args.nsamples, args.seqlen, args.seed, args.heldout_docs, Path(args.heal_dir))
-        heal_configs = HEAL_CONFIGS
-        if args.heal_configs:  # "BITS:GPR,…" picks (and orders) a subset
-            wanted = [tuple(int(v) for v in item.split(":")) for item in args.heal_configs.split(",")]
-            heal_configs = [c for w in wanted for c in HEAL_CONFIGS if (c["bits"], c["gpr"]) == w]
+    for size in args.calib_rows:
+        n, length = _calib_size(size)
+        source = (f"C4, the first {split['heal_docs']} documents of the calibration file (the healing text; "
+                  "the held-out documents stay untouched)")
+        configs += [dict(cfg, calibration={"source": source, "nsamples": n, "seqlen": length, "seed": args.seed,
+                                           "path": split["heal_text"]})
+                    for cfg in _pick(CALIB_CONFIGS, args.calib_configs)]
+    if args.heal or args.only_heal:
+        heal_configs = _pick(HEAL_CONFIGS, args.heal_configs)
         for cfg in heal_configs[: args.limit] if args.limit and args.only_heal else heal_configs:
             name = label(dict(cfg, healed=True, heal_lr=args.heal_lr, heal_steps=args.heal_steps))
             if name in done:
