@@ -116,7 +116,7 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
     model = copy.deepcopy(base)
     kwargs = {k: v for k, v in cfg.items() if k in ("method", "bits", "gpr", "refit", "s", "importance", "embeddings",
                                                   "embedding_bits", "embedding_gpr")}
-    calib = cfg.get("calibration") or {}  # a --calib-rows row: its own text and size
+    calib = cfg.get("calibration") or {}  # a --calib-rows row: its own text (recorded as "path") and size
     with PeakRSS() as mem:
         report = sketchtune.sketch_model(
             model, tok, calib=calib.get("path", args.calib), nsamples=calib.get("nsamples", args.nsamples),
@@ -140,8 +140,6 @@ def run_config(base, tok, cfg, args, workdir: Path) -> dict:
             setattr(reloaded.get_submodule(parent) if parent else reloaded, child, module.to(args.device))
         extra["dense_table_wikitext2_ppl"] = perplexity(reloaded, tok, args.eval_data, args.eval_seqlen,
                                                         args.eval_windows, progress=False).ppl
-    cfg = {k: v for k, v in cfg.items() if k != "calibration"} | (
-        {"calibration": {k: v for k, v in calib.items() if k != "path"}} if calib else {})
     return {
         "label": label(cfg), **cfg,
         **({"s": DEFAULT_S, "importance": DEFAULT_IMPORTANCE, **cfg} if cfg["method"] == "sketch" else {}),
@@ -221,13 +219,13 @@ def main() -> None:
     for row in rows:
         print(f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}  (earlier run)" if row["method"] != "fp"
               else f"{row['label']:<44}{row['wikitext2_ppl']:>10.3f}")
-    split = None
     if args.heal or args.only_heal or args.calib_rows:
         split = split_c4(tok, args.calib, args.nsamples, args.seqlen, args.seed, args.heldout_docs, Path(args.heal_dir))
-    for size in args.calib_rows:
-        n, length = _calib_size(size)
+    if args.calib_rows:
         source = (f"C4, the first {split['heal_docs']} documents of the calibration file (the healing text; "
                   "the held-out documents stay untouched)")
+    for size in args.calib_rows:
+        n, length = _calib_size(size)
         configs += [dict(cfg, calibration={"source": source, "nsamples": n, "seqlen": length, "seed": args.seed,
                                            "path": split["heal_text"]})
                     for cfg in _pick(CALIB_CONFIGS, args.calib_configs)]
