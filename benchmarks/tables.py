@@ -297,12 +297,12 @@ def efficiency(d: dict, name: str = "efficiency_cpu.json") -> str:
             ("ttft_512_ms", "TTFT 512 ms"), ("ttft_1024_ms", "TTFT 1024 ms"), ("train_step_s", "train step s"),
             ("train_peak_above_imports_mb", "train peak MiB")]
     body = []
-    for name, r in model.items():
+    for variant, r in model.items():
         lora = model.get("lora", r)
-        body.append([name, f"{r['weight_bytes'] / 2**20:.1f}"]
-                    + [f"{r[k]:.1f} ({r[k] / lora[k]:.2f}×)" for k, _ in keys])
+        body.append([variant, f"{r['weight_bytes'] / 2**20:.1f}"]
+                    + [f"{r[k]:.1f} ({r[k] / lora[k]:.2f}×)" if k in r else "—" for k, _ in keys])
         if "decode_b1_ms_per_step_cache" in r:  # the opt-in dense-Ŵ cache instead of the C++ kernels
-            body.append([f"{name} + dense-Ŵ cache", f"{(r['weight_bytes'] + r['decode_cache_bytes_opt_in']) / 2**20:.1f}"]
+            body.append([f"{variant} + dense-Ŵ cache", f"{(r['weight_bytes'] + r['decode_cache_bytes_opt_in']) / 2**20:.1f}"]
                         + [f"{r[k + '_cache']:.1f} ({r[k + '_cache'] / lora[k]:.2f}×)" if k + "_cache" in r else "—"
                            for k, _ in keys])
     floor = model["dense"].get("train_step_s_grad_floor")
@@ -310,14 +310,15 @@ def efficiency(d: dict, name: str = "efficiency_cpu.json") -> str:
         lora = model["lora"]["train_step_s"]
         body.append(["floor: dense, decoder ∂L/∂W only", "—", "—", "—", "—", "—", f"{floor:.1f} ({floor / lora:.2f}×)",
                      "—"])
-    for name, r in model.items():
+    for variant, r in model.items():
         if "train_step_s_bf16_codebook_grad" in r:  # SKETCHTUNE_CODEBOOK_GRAD=bf16
             t = r["train_step_s_bf16_codebook_grad"]
-            body.append([f"{name}, dYᵀX in bf16", "—", "—", "—", "—", "—",
+            body.append([f"{variant}, dYᵀX in bf16", "—", "—", "—", "—", "—",
                          f"{t:.1f} ({t / model['lora']['train_step_s']:.2f}×)", "—"])
     cpu = meta.get("cpu_model", _EARLIER_CPU)
     return (f"**Efficiency (CPU)** (`{name}`, {cpu}) — {shape['layers']} Llama layers, hidden {shape['hidden']}, "
-            f"MLP {shape['mlp']}, {meta['threads']} thread(s), medians; in parentheses the ratio to LoRA. Sketch rows run the C++ "
+            f"MLP {shape['mlp']}, {meta['threads']} thread(s), training steps on 1 × {meta.get('train_seq', 256)} tokens, medians; "
+            "in parentheses the ratio to LoRA. Sketch rows run the C++ "
             "kernels (the CPU default); `+ dense-Ŵ cache` rows decode through the opt-in cache "
             "(`SKETCHTUNE_KERNELS=cache`), whose dense Ŵ counts in their weights.\n\n"
             + _table(["method", "weights MiB"] + [label for _, label in keys], body))
@@ -336,7 +337,7 @@ def render(include_partial: bool = True) -> str:
         d = _load(f"finetune_evidence_{task}.json")
         if d is not None and d.get("units") and (include_partial or evidence_complete(d)):
             parts.append(finetune_evidence(d, task))
-    for name in ("efficiency_cpu.json", "efficiency_cpu_xeon.json"):
+    for name in ("efficiency_cpu.json", "efficiency_cpu_seq1024.json", "efficiency_cpu_xeon.json"):
         if (d := _load(name)) is not None:
             parts.append(efficiency(d, name))
     for name in ("generate_cpu.json", "generate_cpu_quiet.json", "generate_cpu_xeon.json"):
