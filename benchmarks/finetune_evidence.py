@@ -21,7 +21,9 @@ Every unit (a base evaluation, an LR point, a main run) is written atomically to
 ``--resume`` skips finished units, so the run can be killed at any time and continued in a later session
 (a unit interrupted mid-way restarts from its beginning). ``--stop-at HH:MM`` (UTC) refuses to start a unit
 that is projected to end after that time. Measured s/step per method and the projected CPU hours (total and
-remaining) are printed and written to the JSON meta.
+remaining) are printed and written to the JSON meta. Several workers may resume the same JSON at once (one per
+free core): each claims a unit in the JSON before starting it and merges the others' units whenever it writes
+(benchmarks/_workers.py), so the same command started twice runs two units at a time.
 
     python benchmarks/finetune_evidence.py --task commonsense --threads 1 --resume
     python benchmarks/finetune_evidence.py --task commonsense --analyze-only   # tables/plot from the JSON
@@ -44,6 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from _common import PeakRSS, machine_meta, write_json  # noqa: E402
+from _workers import claim_is_live, locked, merge_from_disk, my_claim, union  # noqa: E402
 from finetune_compare import GGUF, TASKS, build_method, matched_lora_ranks, resolve_method  # noqa: E402
 
 #: 3-point grids, ×√10 apart and centred on each family's customary rate (finetune_compare.LEARNING_RATES and
@@ -691,19 +694,28 @@ def main() -> None:
     methods = [resolve_method(m, ranks) for m in args.methods.split(",")]
     units = plan(methods, args)
 
+    lock = Path(args.cache) / f"{out.name}.lock"  # parallel workers on one JSON take turns writing it
+
     def save(extra_meta: dict | None = None) -> dict:
-        proj = projection(state, plan(methods, argparse.Namespace(**{**vars(args), "phases": "base,lr,main"})), methods, args)
-        state["meta"].update({**machine_meta(), "protocol": protocol, "methods": methods, "lora_ranks_by_gpr": ranks,
-                              "lr_grids": {m: LR_GRIDS[kind_of(m)] for m in methods},
-                              "chosen_lrs": {m: chosen_lr(state, m) for m in methods},
+        with locked(lock):  # merge what other workers wrote since, then write; the JSON covers all their methods
+            everyone = union(merge_from_disk(state, out), methods)
+            return _save(everyone, extra_meta)
+
+    def _save(everyone: list[str], extra_meta: dict | None) -> dict:
+        state["claims"] = {u: c for u, c in state.get("claims", {}).items() if u not in state["units"]}
+        full_plan = plan(everyone, argparse.Namespace(**{**vars(args), "phases": "base,lr,main"}))
+        proj = projection(state, full_plan, everyone, args)
+        state["meta"].update({**machine_meta(), "protocol": protocol, "methods": everyone, "lora_ranks_by_gpr": ranks,
+                              "lr_grids": {m: LR_GRIDS[kind_of(m)] for m in everyone},
+                              "chosen_lrs": {m: chosen_lr(state, m) for m in everyone},
                               "token_budget": {"steps": args.max_steps, "batch": args.batch_size * args.grad_accum,
                                                "cutoff_len": args.cutoff_len,
                                                "max_tokens": args.max_steps * args.batch_size * args.grad_accum * args.cutoff_len},
                               "cpu_budget": proj, "data_dir": args.data_dir, "cache": args.cache,
                               **(extra_meta or {})})
-        state["analysis"] = analyze(state, methods, args)
+        state["analysis"] = analyze(state, everyone, args)
         write_json(out, state)
-        plot_curves(state, methods, args, plot_path)
+        plot_curves(state, everyone, args, plot_path)
         return proj
 
     if args.analyze_only:
@@ -724,9 +736,20 @@ def main() -> None:
           f"{args.batch_size * args.grad_accum} × cutoff {args.cutoff_len}; val {len(val_ds)} of a {len(train_ds) + len(val_ds)}"
           f"-example training set; test subsets {args.eval_per_task or 'all'} per set; {args.threads} thread(s)", flush=True)
     print(summary(state["analysis"], proj), flush=True)
+    def busy_elsewhere(uid: str) -> bool:
+        holder = state["claims"].get(uid)
+        if claim_is_live(holder):
+            print(f"skip {uid}: worker {holder['pid']} on {holder['host']} runs it since {holder['since']}", flush=True)
+            return True
+        return False
+
     new = 0
     for uid, phase, spec in units:
         if uid in state["units"]:
+            continue
+        with locked(lock):  # units (an LR grid) another worker finished or took since the last look
+            merge_from_disk(state, out)
+        if uid in state["units"] or busy_elsewhere(uid):
             continue
         if phase == "main" and chosen_lr(state, spec["method"]) is None:
             print(f"skip {uid}: its LR grid is unfinished (run the lr phase first)", flush=True)
@@ -739,6 +762,12 @@ def main() -> None:
             print(f"stop: {uid} is projected to take {est / 60:.0f} min and would end after --stop-at {stop_at:%H:%M} UTC",
                   flush=True)
             break
+        with locked(lock):  # claim the unit, unless another worker has finished or taken it meanwhile
+            merge_from_disk(state, out)
+            if uid in state["units"] or busy_elsewhere(uid):
+                continue
+            state["claims"][uid] = my_claim()
+            write_json(out, state)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S")
         print(f"[{stamp}] {uid} …" + (f" (projected {est / 60:.0f} min)" if est else ""), flush=True)
         u0, c0 = time.perf_counter(), time.process_time()
