@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from _common import PeakRSS, machine_meta, write_json
+from _workers import locked
 
 import sketchtune
 from sketchtune.eval.tasks import evaluate_tasks
@@ -96,21 +97,28 @@ def fp16_bytes(model) -> int:
 
 def sketch_base(base, tok, gpr: int, args) -> Path:
     out = Path(args.cache) / f"smollm2-int4-gpr{gpr}"
-    if not (out / "config.json").is_file():
-        m = copy.deepcopy(base)
-        sketchtune.sketch_model(m, tok, calib=str(Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"),
-                                nsamples=args.calib_nsamples, seqlen=512, bits=4, gpr=gpr)
-        sketchtune.save(m, tok, out, dtype="float16", overwrite=True)
+    with locked(out.with_name(f".{out.name}.lock")):  # parallel evidence workers build it once, not twice at once
+        if not (out / "config.json").is_file():
+            m = copy.deepcopy(base)
+            sketchtune.sketch_model(m, tok, calib=str(Path(args.data_dir) / "c4" / "c4_sample_1000.jsonl"),
+                                    nsamples=args.calib_nsamples, seqlen=512, bits=4, gpr=gpr)
+            sketchtune.save(m, tok, out, dtype="float16", overwrite=True)
     return out
 
 
 def healed_base(sketched: Path, args) -> tuple[Path, dict]:
     """``sketched`` healed for ``--heal-steps`` steps (C4 calibration windows, lr ``--heal-lr``, batch 4 × 512);
     resumes a killed heal. Returns the checkpoint and what the healing cost and gained (KL before/after)."""
-    from sketchtune.workflows import heal_job
-
     out = sketched.with_name(f"{sketched.name}-healed-{args.heal_steps}")
     record = out.with_name(out.name + ".json")
+    with locked(out.with_name(f".{out.name}.lock")):
+        _heal_once(sketched, out, record, args)
+    return out, json.loads(record.read_text()) if record.is_file() else {}
+
+
+def _heal_once(sketched: Path, out: Path, record: Path, args) -> None:
+    from sketchtune.workflows import heal_job
+
     if not (out / "config.json").is_file():
         resume = (out.parent / f".{out.name}.healing").is_dir()
         t0 = time.perf_counter()
@@ -123,7 +131,6 @@ def healed_base(sketched: Path, args) -> tuple[Path, dict]:
                             "seconds_this_run": time.perf_counter() - t0, "threads": torch.get_num_threads(),
                             "resumed": job.resumed_from is not None, "kl_before": job.kl_before,
                             "kl_after": job.kl_after, "kl_eval_tokens": job.eval_tokens})
-    return out, json.loads(record.read_text()) if record.is_file() else {}
 
 
 def build_method(name: str, base, tok, args):
@@ -149,9 +156,10 @@ def build_method(name: str, base, tok, args):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         fp_dir = Path(args.cache) / "smollm2-fp32"
-        if not (fp_dir / "config.json").is_file():
-            base.save_pretrained(fp_dir)
-            tok.save_pretrained(fp_dir)  # a complete HF model: analyze-delta and users load it as such
+        with locked(fp_dir.with_name(f".{fp_dir.name}.lock")):
+            if not (fp_dir / "config.json").is_file():
+                base.save_pretrained(fp_dir)
+                tok.save_pretrained(fp_dir)  # a complete HF model: analyze-delta and users load it as such
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                  bnb_4bit_use_double_quant=True)
         model = AutoModelForCausalLM.from_pretrained(fp_dir, quantization_config=bnb, dtype=torch.float32)

@@ -130,8 +130,10 @@ def eval_subsets(task: dict, args) -> dict[str, list[int]]:
         target = subset_dir(args) / name / "test.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps([records[i] for i in idx], indent=1) + "\n"
-        if not target.is_file() or target.read_text() != payload:
-            target.write_text(payload)
+        if not target.is_file() or target.read_text() != payload:  # atomic: a parallel worker may be reading it
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(payload)
+            tmp.replace(target)
         out[name] = idx
     return out
 
