@@ -232,8 +232,9 @@ def decode_step_s(model: nn.Module, batch: int, args) -> float:
     """Seconds per decode step (one new token for each of ``batch`` sequences) after a short prefill."""
     ids = torch.randint(0, args.vocab, (batch, args.decode_prompt))
     # transformers 5.x renamed forward's ``past_key_values`` and the output's field to ``cache`` (the old names
-    # warn until 5.40)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # warn until 5.40); a peft wrapper's forward takes **kwargs, so ask the model it wraps
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_kw = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         past, nxt = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
