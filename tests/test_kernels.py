@@ -358,3 +358,46 @@ def test_dense_cache_rebuilds_only_on_change():
     assert torch.equal(cache.get(packed, codebook, 2, IN, torch.float32), dequantize(packed, codebook, 2, IN))
     cache.clear()
     assert cache.weight is None
+
+
+_NO_COMPILER_SCRIPT = r"""
+import warnings
+import torch
+from sketchtune.layout import dequantize, pack_codes
+from sketchtune.sketched_linear import SketchedLinear
+from sketchtune.kernels import cpu_kernels
+
+g = torch.Generator().manual_seed(0)
+codes, codebook = torch.randint(0, 16, (24, 64), generator=g), torch.randn(24, 2, 16, generator=g)
+layer = SketchedLinear.from_codes(codebook, codes, 4)
+w = dequantize(pack_codes(codes, 4), codebook, 4, 64)
+for tokens in (1, 5, 40):  # the GEMV's and the tiled kernels' token counts
+    x = torch.randn(tokens, 64, generator=g)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-5)
+    layer.train()
+    layer(x).square().sum().backward()
+    assert layer.codebook.grad is not None and layer.codebook.grad.abs().sum() > 0
+assert cpu_kernels.extension() is None
+print("REFERENCE PATH OK")
+"""
+
+
+def test_without_a_compiler_one_warning_line_and_the_pytorch_path(tmp_path):
+    """Issue #11: where the extension cannot be built (CXX names no compiler; nothing built in the extension
+    cache), sketched layers still run — the pure-PyTorch path, forward and codebook gradient — after a single
+    one-line warning, not torch's compiler banner or a failed build command."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop("SKETCHTUNE_KERNELS", None)
+    run = subprocess.run([sys.executable, "-c", _NO_COMPILER_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFERENCE PATH OK" in run.stdout
+    ours = [line for line in run.stderr.splitlines() if "sketchtune:" in line]
+    assert len(ours) == 1 and "no C++ compiler" in ours[0] and "no-such-c++" in ours[0], run.stderr[-2000:]
+    assert "WARNING" not in run.stderr and "Error building" not in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.o"))

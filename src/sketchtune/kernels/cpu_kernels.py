@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import warnings
 from functools import cache
 from pathlib import Path
@@ -43,6 +44,9 @@ _HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 @cache
 def extension() -> ModuleType | None:
     """The compiled extension, or ``None`` (warned once) where it cannot be built or the CPU lacks AVX2."""
+    if (problem := _cannot_build()) is not None:
+        warnings.warn(f"sketchtune: native CPU kernels unavailable ({problem}); using the PyTorch path", stacklevel=2)
+        return None
     try:
         from torch.utils.cpp_extension import load
 
@@ -60,14 +64,27 @@ def extension() -> ModuleType | None:
         ext = load(name=f"sketchtune_cpu_v29_{env}", sources=[str(s) for s in _SOURCES],
                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a header problem: the reference path still works
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        warnings.warn(f"sketchtune: native CPU kernels unavailable ({first.strip()}); using the PyTorch path",
-                      stacklevel=2)
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__).strip()
+        first = first if len(first) <= 160 else first[:159] + "…"  # a failed build's line holds its whole command
+        warnings.warn(f"sketchtune: native CPU kernels unavailable ({first}); using the PyTorch path", stacklevel=2)
         return None
     if ext.cpu_isa() == 0:
         warnings.warn("sketchtune: this CPU has neither AVX2 nor AVX-512; using the PyTorch path", stacklevel=2)
         return None
     return ext
+
+
+def _cannot_build() -> str | None:
+    """What stops torch from building the extension here, checked before it tries: a try without a compiler
+    prints torch's multi-line compiler banner and then fails on the whole build command."""
+    from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    cxx = get_cxx_compiler()
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler: {cxx!r} not found; install g++ or set CXX"
+    if not is_ninja_available():
+        return "ninja not found; pip install ninja"
+    return None
 
 
 def enabled() -> bool:
