@@ -37,16 +37,27 @@ def locked(lock_path: Path) -> Iterator[None]:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc), to tell a live worker from a reused pid."""
+    """The process's start time in clock ticks since boot (/proc), to tell a live worker from a reused pid;
+    None where there is no such process, or only its zombie (dead, not yet reaped)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name may hold spaces or ')'
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces or ')'
+    return None if fields[0] == "Z" else int(fields[19])  # state (field 3), starttime (field 22)
+
+
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux); a claim from another boot is dead whatever its pid."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def my_claim() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
+    return {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+            "start_ticks": _start_ticks(os.getpid()),
             "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -54,9 +65,11 @@ def claim_is_live(claim: dict | None) -> bool:
     """Whether ``claim`` belongs to a worker that may still be running (never this process's own)."""
     if not claim:
         return False
-    if claim.get("host") != socket.gethostname():
+    if claim.get("host") != socket.gethostname():  # another machine sharing the file: trust it a while
         since = dt.datetime.fromisoformat(claim["since"])
         return dt.datetime.now(dt.timezone.utc) - since < dt.timedelta(hours=FOREIGN_CLAIM_HOURS)
+    if claim.get("boot_id") not in (None, _boot_id()):
+        return False  # this machine (by name; a new VM may reuse it) in an earlier boot: that worker is gone
     pid = int(claim["pid"])
     if pid == os.getpid():
         return False
@@ -89,7 +102,10 @@ def merge_from_disk(state: dict, out: Path) -> list[str]:
     mine = {u: c for u, c in state.get("claims", {}).items() if c.get("pid") == os.getpid()
             and c.get("host") == socket.gethostname()}
     state["claims"] = {**{u: c for u, c in disk.get("claims", {}).items() if u not in state["units"]}, **mine}
-    return list(disk.get("meta", {}).get("methods", []))
+    methods = list(disk.get("meta", {}).get("methods", []))
+    if "meta" in state:  # a claim written between two saves keeps every worker's methods too
+        state["meta"]["methods"] = union(methods, state["meta"].get("methods", []))
+    return methods
 
 
 def union(first: list[str], then: list[str]) -> list[str]:

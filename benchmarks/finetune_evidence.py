@@ -660,6 +660,8 @@ def main() -> None:
     p.add_argument("--stop-at", default=None, help="UTC HH:MM or ISO time: start no unit projected to end later")
     p.add_argument("--max-units", type=int, default=0, help="stop after this many new units (0: no limit)")
     p.add_argument("--analyze-only", action="store_true", help="recompute analysis and plot from --out; no training")
+    p.add_argument("--ignore-claims", action="store_true",
+                   help="take units other workers have claimed (a claim from a machine that is gone holds 24 h)")
     args = p.parse_args()
     args.healing = {}
     for k, v in TASK_DEFAULTS[args.task].items():
@@ -696,7 +698,7 @@ def main() -> None:
     methods = [resolve_method(m, ranks) for m in args.methods.split(",")]
     units = plan(methods, args)
 
-    lock = Path(args.cache) / f"{out.name}.lock"  # parallel workers on one JSON take turns writing it
+    lock = out.with_name(f".{out.name}.lock")  # parallel workers on one JSON take turns writing it
 
     def save(extra_meta: dict | None = None) -> dict:
         with locked(lock):  # merge what other workers wrote since, then write; the JSON covers all their methods
@@ -738,53 +740,64 @@ def main() -> None:
           f"{args.batch_size * args.grad_accum} × cutoff {args.cutoff_len}; val {len(val_ds)} of a {len(train_ds) + len(val_ds)}"
           f"-example training set; test subsets {args.eval_per_task or 'all'} per set; {args.threads} thread(s)", flush=True)
     print(summary(state["analysis"], proj), flush=True)
+
     def busy_elsewhere(uid: str) -> bool:
         holder = state["claims"].get(uid)
-        if claim_is_live(holder):
+        if not args.ignore_claims and claim_is_live(holder):
             print(f"skip {uid}: worker {holder['pid']} on {holder['host']} runs it since {holder['since']}", flush=True)
             return True
         return False
 
-    new = 0
-    for uid, phase, spec in units:
-        if uid in state["units"]:
-            continue
-        with locked(lock):  # units (an LR grid) another worker finished or took since the last look
-            merge_from_disk(state, out)
-        if uid in state["units"] or busy_elsewhere(uid):
-            continue
-        if phase == "main" and chosen_lr(state, spec["method"]) is None:
-            print(f"skip {uid}: its LR grid is unfinished (run the lr phase first)", flush=True)
-            continue
-        if args.max_units and new >= args.max_units:
-            print(f"--max-units {args.max_units} reached", flush=True)
-            break
-        est = unit_seconds(phase, spec, cost_model(state, methods, args), args)
-        if stop_at is not None and est is not None and dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=est) > stop_at:
-            print(f"stop: {uid} is projected to take {est / 60:.0f} min and would end after --stop-at {stop_at:%H:%M} UTC",
-                  flush=True)
-            break
-        with locked(lock):  # claim the unit, unless another worker has finished or taken it meanwhile
-            merge_from_disk(state, out)
+    def one_pass(new: int) -> tuple[int, bool]:
+        """Run the units still open, in plan order; (units run so far, whether to stop)."""
+        for uid, phase, spec in units:
+            if uid in state["units"]:
+                continue
+            with locked(lock):  # units (an LR grid) another worker finished or took since the last look
+                merge_from_disk(state, out)
             if uid in state["units"] or busy_elsewhere(uid):
                 continue
-            state["claims"][uid] = my_claim()
-            write_json(out, state)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S")
-        print(f"[{stamp}] {uid} …" + (f" (projected {est / 60:.0f} min)" if est else ""), flush=True)
-        u0, c0 = time.perf_counter(), time.process_time()
-        row = run_unit(uid, phase, spec, ctx, state, args)
-        row["unit_seconds"] = time.perf_counter() - u0
-        row["unit_cpu_seconds"] = time.process_time() - c0  # all of this process's threads
-        row["threads"] = args.threads
-        row["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        state["units"][uid] = row
-        new += 1
-        proj = save()
-        brief = {k: row[k] for k in ("val_loss", "avg_accuracy", "seconds_per_step", "learning_rate") if k in row}
-        print(f"    done in {row['unit_seconds'] / 60:.1f} min: "
-              + ", ".join(f"{k} {v:.4g}" for k, v in brief.items()), flush=True)
-        print(summary(state["analysis"], proj), flush=True)
+            if phase == "main" and chosen_lr(state, spec["method"]) is None:
+                print(f"skip {uid}: its LR grid is unfinished (run the lr phase first)", flush=True)
+                continue
+            if args.max_units and new >= args.max_units:
+                print(f"--max-units {args.max_units} reached", flush=True)
+                return new, True
+            est = unit_seconds(phase, spec, cost_model(state, methods, args), args)
+            if stop_at is not None and est is not None and dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=est) > stop_at:
+                print(f"stop: {uid} is projected to take {est / 60:.0f} min and would end after --stop-at "
+                      f"{stop_at:%H:%M} UTC", flush=True)
+                return new, True
+            with locked(lock):  # claim the unit, unless another worker has finished or taken it meanwhile
+                merge_from_disk(state, out)
+                if uid in state["units"] or busy_elsewhere(uid):
+                    continue
+                state["claims"][uid] = my_claim()
+                write_json(out, state)
+            stamp = dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S")
+            print(f"[{stamp}] {uid} …" + (f" (projected {est / 60:.0f} min)" if est else ""), flush=True)
+            u0, c0 = time.perf_counter(), time.process_time()
+            row = run_unit(uid, phase, spec, ctx, state, args)
+            row["unit_seconds"] = time.perf_counter() - u0
+            row["unit_cpu_seconds"] = time.process_time() - c0  # all of this process's threads
+            row["threads"] = args.threads
+            row["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            state["units"][uid] = row
+            new += 1
+            proj = save()
+            brief = {k: row[k] for k in ("val_loss", "avg_accuracy", "seconds_per_step", "learning_rate") if k in row}
+            print(f"    done in {row['unit_seconds'] / 60:.1f} min: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in brief.items()), flush=True)
+            print(summary(state["analysis"], proj), flush=True)
+        return new, False
+
+    # Passes until one runs nothing: a unit skipped because another worker held it, or because its LR grid was
+    # still running elsewhere, is looked at again once this worker has finished something.
+    new, stop = 0, False
+    while not stop:
+        before = new
+        new, stop = one_pass(new)
+        stop = stop or new == before
     # The learning-curve plot exists once a main (seeded) run has finished.
     print(f"wrote {out}" + (f" and {plot_path}" if plot_path.is_file() else " (no curves to plot yet)"), flush=True)
 

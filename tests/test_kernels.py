@@ -401,3 +401,14 @@ def test_without_a_compiler_one_warning_line_and_the_pytorch_path(tmp_path):
     assert len(ours) == 1 and "no C++ compiler" in ours[0] and "no-such-c++" in ours[0], run.stderr[-2000:]
     assert "WARNING" not in run.stderr and "Error building" not in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.o"))
+
+
+def test_compiler_check_reads_a_wrapped_cxx(monkeypatch):
+    """CXX may name a wrapper and the compiler ("ccache g++"): the check looks for the first word."""
+    import shutil
+
+    monkeypatch.setenv("CXX", "/no/such/ccache g++")
+    assert "/no/such/ccache" in cpu_kernels._cannot_build()
+    if shutil.which("env") and shutil.which("g++"):
+        monkeypatch.setenv("CXX", "env g++")
+        assert cpu_kernels._cannot_build() is None

@@ -13,7 +13,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 from _common import write_json  # noqa: E402
-from _workers import claim_is_live, locked, merge_from_disk, my_claim, union  # noqa: E402
+from _workers import _start_ticks, claim_is_live, locked, merge_from_disk, my_claim, union  # noqa: E402
 
 
 def _worker(out: str, lock: str, name: str, n: int) -> None:
@@ -46,7 +46,6 @@ def test_claims_of_live_dead_own_and_foreign_workers():
     try:
         live = {**my_claim(), "pid": sleeper.pid}
         live["start_ticks"] = None  # filled below from /proc when there is one
-        from _workers import _start_ticks
         live["start_ticks"] = _start_ticks(sleeper.pid)
         assert claim_is_live(live)
         if live["start_ticks"] is not None:  # the same pid number, another process: a stale claim
@@ -55,6 +54,23 @@ def test_claims_of_live_dead_own_and_foreign_workers():
         sleeper.kill()
         sleeper.wait()
     assert not claim_is_live(live)  # the worker died: its unit is free again
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        import time
+        deadline = time.time() + 30
+        while time.time() < deadline and _start_ticks(zombie.pid) is not None:  # exited, not yet reaped
+            time.sleep(0.05)
+        assert not claim_is_live({**my_claim(), "pid": zombie.pid, "start_ticks": None})
+    finally:
+        zombie.wait()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # this machine's name, but an earlier boot (a VM that reuses the hostname): that worker is gone
+        same_pid = {**my_claim(), "pid": sleeper.pid, "start_ticks": _start_ticks(sleeper.pid)}
+        assert claim_is_live(same_pid)
+        assert not claim_is_live({**same_pid, "boot_id": "an-earlier-boot"})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
     now = dt.datetime.now(dt.timezone.utc)
     foreign = {"host": socket.gethostname() + "-elsewhere", "pid": 1, "start_ticks": None}
     assert claim_is_live({**foreign, "since": (now - dt.timedelta(hours=1)).isoformat()})
@@ -73,4 +89,7 @@ def test_merge_keeps_own_rows_and_claims_and_drops_claims_of_finished_units(tmp_
     assert state["claims"] == {"u3": other, "u4": mine}
     assert union(["a", "b"], ["c", "a"]) == ["a", "b", "c"]
     assert merge_from_disk({"units": {}}, tmp_path / "missing.json") == []
+    stale = {"meta": {"methods": ["b", "c"]}, "units": {}}  # a worker's meta from before another one wrote
+    merge_from_disk(stale, out)
+    assert stale["meta"]["methods"] == ["a", "b", "c"]
     assert os.path.exists(out)

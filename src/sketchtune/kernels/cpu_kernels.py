@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import warnings
 from functools import cache
@@ -44,10 +45,11 @@ _HEADERS = sorted((Path(__file__).parent / "cpu").glob("*.h"))
 @cache
 def extension() -> ModuleType | None:
     """The compiled extension, or ``None`` (warned once) where it cannot be built or the CPU lacks AVX2."""
-    if (problem := _cannot_build()) is not None:
-        warnings.warn(f"sketchtune: native CPU kernels unavailable ({problem}); using the PyTorch path", stacklevel=2)
-        return None
     try:
+        if (problem := _cannot_build()) is not None:
+            warnings.warn(f"sketchtune: native CPU kernels unavailable ({problem}); using the PyTorch path",
+                          stacklevel=2)
+            return None
         from torch.utils.cpp_extension import load
 
         # -fopenmp: at::parallel_for is inlined into the extension and splits work only where the extension itself
@@ -80,7 +82,7 @@ def _cannot_build() -> str | None:
     from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
 
     cxx = get_cxx_compiler()
-    if shutil.which(cxx) is None:
+    if not cxx.strip() or shutil.which(shlex.split(cxx)[0]) is None:  # CXX may carry a wrapper: "ccache g++"
         return f"no C++ compiler: {cxx!r} not found; install g++ or set CXX"
     if not is_ninja_available():
         return "ninja not found; pip install ninja"
