@@ -77,8 +77,16 @@ def machine_meta() -> dict:
     }
 
 
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file beside ``path`` and rename it over: a reader (another worker, a killed run's
+    successor) sees the old file or the new one, never a half-written one. The temp name carries the pid so
+    that two processes writing the same file cannot clobber each other's temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")

@@ -45,7 +45,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from _common import PeakRSS, machine_meta, write_json  # noqa: E402
+from _common import PeakRSS, machine_meta, write_json, write_text_atomic  # noqa: E402
 from _workers import claim_is_live, locked, merge_from_disk, my_claim, union  # noqa: E402
 from finetune_compare import GGUF, TASKS, build_method, matched_lora_ranks, resolve_method  # noqa: E402
 
@@ -128,12 +128,9 @@ def eval_subsets(task: dict, args) -> dict[str, list[int]]:
         k = min(args.eval_per_task, len(records)) if args.eval_per_task else len(records)
         idx = sorted(random.Random(f"{args.data_seed}-{name}").sample(range(len(records)), k))
         target = subset_dir(args) / name / "test.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps([records[i] for i in idx], indent=1) + "\n"
         if not target.is_file() or target.read_text() != payload:  # atomic: a parallel worker may be reading it
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            tmp.write_text(payload)
-            tmp.replace(target)
+            write_text_atomic(target, payload)
         out[name] = idx
     return out
 
