@@ -706,7 +706,8 @@ def main() -> None:
         state["claims"] = {u: c for u, c in state.get("claims", {}).items() if u not in state["units"]}
         full_plan = plan(everyone, argparse.Namespace(**{**vars(args), "phases": "base,lr,main"}))
         proj = projection(state, full_plan, everyone, args)
-        state["meta"].update({**machine_meta(), "protocol": protocol, "methods": everyone, "lora_ranks_by_gpr": ranks,
+        state["meta"].update({**machine_meta(), "protocol": {**protocol, "methods": ",".join(everyone)},
+                              "methods": everyone, "lora_ranks_by_gpr": ranks,
                               "lr_grids": {m: LR_GRIDS[kind_of(m)] for m in everyone},
                               "chosen_lrs": {m: chosen_lr(state, m) for m in everyone},
                               "token_budget": {"steps": args.max_steps, "batch": args.batch_size * args.grad_accum,
