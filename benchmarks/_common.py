@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import threading
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from sketchtune._io import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported for the harness)
 
 
 class PeakRSS:
@@ -77,16 +78,6 @@ def machine_meta() -> dict:
     }
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file beside ``path`` and rename it over: a reader (another worker, a killed run's
-    successor) sees the old file or the new one, never a half-written one. The temp name carries the pid so
-    that two processes writing the same file cannot clobber each other's temp file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+    """Results JSON, written atomically: workers read each other's files while they run."""
+    write_json_atomic(path, payload)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
-from _common import write_json, write_text_atomic  # noqa: E402
+from _common import write_json  # noqa: E402
 from _workers import _start_ticks, claim_is_live, locked, merge_from_disk, my_claim, union  # noqa: E402
 
 
@@ -93,22 +93,3 @@ def test_merge_keeps_own_rows_and_claims_and_drops_claims_of_finished_units(tmp_
     merge_from_disk(stale, out)
     assert stale["meta"]["methods"] == ["a", "b", "c"]
     assert os.path.exists(out)
-
-
-def _rewrite(path: str, n: int) -> None:
-    for i in range(n):  # payloads of alternating size, so that a torn read would show as a parse error
-        write_text_atomic(path, json.dumps({"i": i, "pad": "x" * (200_000 if i % 2 else 10)}))
-
-
-def test_atomic_text_write_is_never_seen_half_written(tmp_path):
-    """Subset files and results JSON are read by one worker while another rewrites them."""
-    target = tmp_path / "test.json"
-    write_text_atomic(target, json.dumps({"i": -1}))
-    writer = mp.get_context("spawn").Process(target=_rewrite, args=(str(target), 300))
-    writer.start()
-    seen = set()
-    while writer.is_alive() or not seen:
-        seen.add(json.loads(target.read_text())["i"])  # raises on a torn file
-    writer.join(60)
-    assert writer.exitcode == 0 and json.loads(target.read_text())["i"] == 299
-    assert [p.name for p in tmp_path.iterdir()] == ["test.json"]  # no temp file left behind

@@ -7,7 +7,6 @@ sample); ``train_job`` tokenizes data and fine-tunes codebooks with every check 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from ._io import write_json_atomic
 from .bundled import BUNDLED_MODEL
 from .checkpoint import check_output_dir, load, save
 from .errors import SketchError
@@ -330,11 +330,7 @@ def eval_tasks_job(
     if adapter:
         results["adapter"] = adapter
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(out, results)
     return results
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .._io import write_json_atomic
 from ..architecture import find_decoder_layers, linear_modules
 from ..checkpoint import load
 from ..errors import SketchError
@@ -85,7 +85,7 @@ def analyze_models(base: str, tuned: str, out_dir: str | os.PathLike, sketch: st
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(layers)
     result = {"base": base, "tuned": tuned, "sketch": sketch, "bits": bits, "summary": summary, "layers": as_dict(layers)}
-    (out / "delta_analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(out / "delta_analysis.json", result)
     if plots:
         plot(layers, out)
     return result

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .._io import save_safetensors_atomic, write_json_atomic
 from ..architecture import projection_shape
 from ..errors import SketchError
 from ..sketched_linear import SketchedLinear
@@ -60,15 +61,10 @@ class SketchProgress:
         self.root.mkdir(parents=True, exist_ok=True)
         mods = {n: m for n, m in layer.named_modules() if isinstance(m, SketchedLinear)}
         tensors = layer_tensors(layer)
-        target = layer_path(self.root, index)
-        tmp = target.with_name(target.name + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(target)
+        save_safetensors_atomic(tensors, layer_path(self.root, index))
         self.done[index] = {"modules": list(mods), "errors": errors, "left_dense": left, "experts": experts or []}
         payload = {"settings": self.settings, "done": {str(k): v for k, v in sorted(self.done.items())}}
-        tmp = self.root / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        tmp.replace(self.root / PROGRESS)
+        write_json_atomic(self.root / PROGRESS, payload, indent=1)
 
     def load_layer(self, index: int, layer: torch.nn.Module, bits: int) -> dict[str, SketchedLinear]:
         """The finished layer's ``SketchedLinear`` modules (by name relative to the layer), exactly as saved."""

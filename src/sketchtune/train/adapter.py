@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .._io import save_safetensors_atomic, write_json_atomic
 from ..checkpoint import model_type_of, weight_files
 from ..errors import SketchError
 from ..naming import model_key
@@ -64,10 +65,8 @@ def save_adapter(model: torch.nn.Module, out_dir: str | os.PathLike, dtype: torc
         "format": "sketchtune-adapter", "version": 1, "modules": sorted(mods),
         "base_fingerprint": codes_fingerprint(model),
     }
-    tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    save_safetensors_atomic(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json_atomic(out / CONFIG_NAME, meta)
     return out
 
 

@@ -16,7 +16,6 @@ a run killed with SIGKILL mid-save continues from the previous one without losin
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -27,6 +26,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .._io import write_json_atomic
 from ..checkpoint import save
 from ..errors import SketchError
 from .adapter import (
@@ -237,7 +237,7 @@ def train_sketch(
     save_adapter(model, out, codebooks=books)
     if save_full:
         save(model, tokenizer, out / "full", overwrite=True)  # out/full is this run's own output
-    (out / "train_results.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    write_json_atomic(out / "train_results.json", metrics)
     plot_loss_curve(metrics["log_history"], out / "loss_curve.png")
     return metrics
 
