@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import PeakRSS
+from _common import PeakRSS, write_json, write_text_atomic
 from transformers import TrainerCallback
 
 import sketchtune
@@ -51,7 +51,7 @@ def split_c4(tok, calib: str, sketch_windows: int, seqlen: int, seed: int, heldo
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {"heal_text": workdir / "heal_text.jsonl", "heldout_c4": workdir / "heldout_c4.jsonl"}
     for key, idx in (("heal_text", range(cut)), ("heldout_c4", heldout)):
-        paths[key].write_text("".join(json.dumps({"text": docs[i]}) + "\n" for i in idx))
+        write_text_atomic(paths[key], "".join(json.dumps({"text": docs[i]}) + "\n" for i in idx))
     return {"heal_text": str(paths["heal_text"]), "heldout_c4": str(paths["heldout_c4"]),
             "heal_docs": cut, "heldout_docs": len(heldout), "excluded_heldout_docs": heldout_docs - len(heldout)}
 
@@ -84,8 +84,7 @@ class CurveCallback(TrainerCallback):
                 self.points.append({"step": step, **self.score(model)})
             model.train()
             print(f"  step {step}: {self.points[-1]}", flush=True)
-        self.path.write_text(json.dumps({"points": self.points, "seconds": self.seconds,
-                                         "timed_steps": self.timed_steps}, indent=1) + "\n")
+        write_json(self.path, {"points": self.points, "seconds": self.seconds, "timed_steps": self.timed_steps})
 
 
 def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
@@ -113,7 +112,7 @@ def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
         state["sketch_seconds"] = time.perf_counter() - t0
         state["before"] = score(sketchtune.load(sketched, dtype=torch.float32)[0])
         root.mkdir(parents=True, exist_ok=True)
-        state_path.write_text(json.dumps(state, indent=1) + "\n")
+        write_json(state_path, state)
     print(f"{label}: before {state['before']}", flush=True)
 
     if "after" not in state:
@@ -135,7 +134,7 @@ def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
         }
         state["curve"] = [{"step": 0, **state["before"]}] + curve.points
         state["after"] = score(sketchtune.load(healed, dtype=torch.float32)[0])
-        state_path.write_text(json.dumps(state, indent=1) + "\n")
+        write_json(state_path, state)
     return {"label": label, **cfg, "healed": True, "sketch_seconds": state["sketch_seconds"],
             "wikitext2_ppl": state["after"]["wikitext2_ppl"], "heldout_c4_ppl": state["after"]["heldout_c4_ppl"],
             "before": state["before"], "healing": state["healing"], "curve": state["curve"], "split": split}

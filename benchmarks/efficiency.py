@@ -47,7 +47,7 @@ from typing import Callable
 import psutil
 import torch
 import torch.nn.functional as F
-from _common import cpu_model, to_nf4
+from _common import cpu_model, to_nf4, write_json
 from torch import nn
 
 from sketchtune.kernels import BACKEND_ENV
@@ -550,8 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         report["sketch_speed"] = bench_sketch(args)
     report["meta"]["loadavg_end"] = os.getloadavg()
     report["meta"]["wall_s"] = round(time.time() - t_start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_json(args.out, report)
     print()
     print_table(results, report["ratios"], args.prompts)
     if "sketch_speed" in report:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from _common import PeakRSS
+from _common import PeakRSS, write_json
 from _healing import DEFAULT_HEAL_LR, heal_row, split_c4
 
 import sketchtune
@@ -262,8 +262,7 @@ def _write(args, rows) -> None:
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "sketchtune": sketchtune.__version__,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

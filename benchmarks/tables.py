@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from sketchtune._io import write_text_atomic
+
 RESULTS = Path(__file__).parent / "results"
 START, END = "<!-- BENCHMARK-TABLE -->", "<!-- /BENCHMARK-TABLE -->"
 
@@ -366,7 +368,7 @@ def main() -> None:
     src = readme.read_text()
     head, _, rest = src.partition(START)
     _, _, tail = rest.partition(END)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    write_text_atomic(readme, f"{head}{START}\n{text}\n{END}{tail}")
 
 
 if __name__ == "__main__":
