@@ -111,7 +111,6 @@ def heal_row(base, tok, cfg: dict, args, split: dict, label: str) -> dict:
         del model
         state["sketch_seconds"] = time.perf_counter() - t0
         state["before"] = score(sketchtune.load(sketched, dtype=torch.float32)[0])
-        root.mkdir(parents=True, exist_ok=True)
         write_json(state_path, state)
     print(f"{label}: before {state['before']}", flush=True)
 
