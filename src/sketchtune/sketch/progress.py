@@ -58,7 +58,6 @@ class SketchProgress:
 
     def save_layer(self, index: int, layer: torch.nn.Module, errors: dict[str, float], left: dict[str, str],
                    experts: list[str] | None = None) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
         mods = {n: m for n, m in layer.named_modules() if isinstance(m, SketchedLinear)}
         tensors = layer_tensors(layer)
         save_safetensors_atomic(tensors, layer_path(self.root, index))
